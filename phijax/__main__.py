@@ -1,0 +1,3 @@
+from phijax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: corpus readers, the sentencepiece tokenizer, token stores and the Grain loader."""

@@ -1,0 +1,176 @@
+"""The Phi-3 / Phi-4 decoder (HF `Phi3ForCausalLM` shapes) in Flax NNX.
+
+Pre-norm blocks of grouped-query attention with RoPE and a SwiGLU MLP, RMSNorm, no biases.
+Layers are stacked on a leading axis and run with `jax.lax.scan` under `jax.checkpoint`.
+Every parameter carries logical axis names (`out_sharding` metadata) that `phijax.sharding`
+maps onto the mesh. Parameters are float32; compute runs in `config.dtype`.
+
+Projection layouts (fused for speed; `convert.py` maps them to and from HF):
+  qkv      (embed, kv_heads, q_per_kv + 2, head_dim)  -- per KV group: its query heads, then k, v
+  o        (kv_heads, q_per_kv, head_dim, embed)
+  gate_up  (embed, 2, mlp)                              -- [gate | up]
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phijax.config import ModelConfig
+
+nnx.use_eager_sharding(False)  # shardings are applied at the jit boundary, not at creation
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, names, std: float | None) -> nnx.Param:
+    value = jnp.ones(shape, jnp.float32) if std is None else \
+        std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value, sharding_names=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("norm",), None)
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotate-half RoPE as in HF Phi3. x: (b, s, ..., d); positions: (b, s)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, s, d/2)
+    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(segment_ids):
+    """Causal mask restricted to tokens of the same document: (b, 1, 1, s, s) bool."""
+    s = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_doc)[:, None, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, kv, d = cfg.hidden_size, cfg.num_key_value_heads, cfg.dim_per_head
+        g = cfg.num_attention_heads // kv
+        std = cfg.initializer_range
+        self.qkv = _param(rngs, (e, kv, g + 2, d), ("embed", "kv_heads", None, "head_dim"), std)
+        self.o = _param(rngs, (kv, g, d, e), ("kv_heads", None, "head_dim", "embed"), std)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        dt = x.dtype
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        qkv = jnp.einsum("bse,ekhd->bskhd", x, self.qkv[...].astype(dt))
+        q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+        if cfg.attention == "cudnn" and jax.default_backend() == "gpu":
+            b, s, kv, _, d = q.shape
+            out = jax.nn.dot_product_attention(
+                q.reshape(b, s, kv * g, d), k, v, mask=mask[:, 0], implementation="cudnn")
+            out = out.reshape(b, s, kv, g, d)
+        else:
+            q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
+            scores = jnp.einsum("bskhd,btkd->bkhst", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkhst,btkd->bskhd", probs, v)
+        return jnp.einsum("bskhd,khde->bse", out, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.gate_up = _param(rngs, (e, 2, f), ("embed", None, "mlp"), std)
+        self.down = _param(rngs, (f, e), ("mlp", "embed"), std)
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = jnp.einsum("bse,ecf->bscf", x, self.gate_up[...].astype(dt))
+        h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+        return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask):
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Phi(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                            cfg.initializer_range)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  cfg.initializer_range)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None):
+        """Final-normed hidden states (b, s, hidden) in the compute dtype."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((b, s), jnp.int32)
+        mask = attention_mask(segment_ids)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, positions, mask), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+        return self.final_norm(x)
+
+    def output_weights(self):
+        """(hidden, vocab) projection to logits, float32."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        h = self.hidden_states(tokens, positions, segment_ids)
+        w = self.output_weights().astype(h.dtype)
+        return jnp.einsum("bse,ev->bsv", h, w, preferred_element_type=jnp.float32)
+
+
+def init_model(cfg: ModelConfig, seed: int) -> Phi:
+    return Phi(cfg, nnx.Rngs(params=seed))

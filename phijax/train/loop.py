@@ -1,0 +1,161 @@
+"""`phijax train`: the training loop with logging, eval, checkpoints and SIGTERM handling."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from phijax.config import Config, ConfigError, to_dict, validate
+from phijax.data.loader import Windows, batches, split_windows, synthetic_batches
+from phijax.sharding import make_mesh
+from phijax.train.checkpoint import Checkpointer
+from phijax.train.metrics import MetricsWriter, device_peak, flops_per_token
+from phijax.train.step import build_trainer
+
+log = logging.getLogger("phijax")
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """Multi-process JAX when asked, or when the environment describes a cluster."""
+    cluster_env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
+    if mode == "on" or (mode == "auto" and cluster_env):
+        jax.distributed.initialize()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop records past the checkpoint we resume from, so steps are never logged twice."""
+    if path.exists():
+        kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
+        path.write_text("".join(l + "\n" for l in kept))
+
+
+class _StopFlag:
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.stop = True
+
+
+def _data(cfg: Config, tokenizer_store, start: int):
+    """(train iterator from `start`, list of fixed eval batches), this process's rows."""
+    d, t = cfg.data, cfg.train
+    pi, pc = jax.process_index(), jax.process_count()
+    if d.synthetic:
+        return (synthetic_batches(cfg.model.vocab_size, t.batch_size // pc, d.seq_len,
+                                  d.seed + pi, start, t.steps), [])
+    _, store = tokenizer_store
+    ranges = split_windows(store, d.seq_len, d.eval_fraction)
+    train = Windows(store, d.seq_len, *ranges["train"], document_mask=d.document_mask)
+    it = batches(train, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
+    evals = []
+    if len(range(*ranges["eval"])) >= t.batch_size:
+        held = Windows(store, d.seq_len, *ranges["eval"], document_mask=d.document_mask)
+        evals = list(batches(held, t.batch_size, d.seed, 0, t.eval_batches, pi, pc, prefetch=0))
+    return it, evals
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    maybe_initialize_distributed(cfg.run.distributed)
+    validate(cfg, jax.device_count())
+    tokenizer_store = None
+    if not cfg.data.synthetic:
+        from phijax.data.prepare import prepare
+        tokenizer_store = prepare(cfg.data)
+        if tokenizer_store[0].vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the "
+                              f"tokenizer's {tokenizer_store[0].vocab_size} pieces")
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    if primary:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    mesh = make_mesh(cfg.mesh)
+    trainer = build_trainer(cfg, mesh)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    stop = _StopFlag()
+    with jax.set_mesh(mesh):
+        start = ckpt.latest_step() or 0
+        if start:
+            state, data_state = ckpt.restore(start, trainer.abstract_state)
+            log.info("resumed from step %d (data state %s)", start, data_state)
+        else:
+            state = trainer.init()
+        if primary:
+            _trim_metrics(run_dir / "metrics.jsonl", start)
+        if start >= cfg.train.steps:
+            log.info("run %s is already complete at step %d", run_dir, start)
+            ckpt.close()
+            return {"step": start}
+        writer = MetricsWriter(run_dir, enabled=primary)
+        last = _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop)
+        writer.close()
+        ckpt.close()
+    return last
+
+
+def _to_global(batch: dict, shardings: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop) -> dict:
+    t = cfg.train
+    it, eval_batches = _data(cfg, tokenizer_store, start)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = device_peak(t.peak_flops_per_device) * jax.device_count()
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    last, window_start, window_steps = {}, time.perf_counter(), 0
+    run_start = time.perf_counter()
+    for step in range(start, t.steps):
+        state, metrics = trainer.train_step(state, _to_global(next(it), trainer.batch_shardings))
+        window_steps += 1
+        done = step + 1
+        final = done == t.steps or stop.stop
+        if done % t.log_every == 0 or done == start + 1 or final:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * tokens_per_step / elapsed
+            last = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
+                    "grad_norm": metrics["grad_norm"], "tokens_per_s": tps,
+                    "mfu": tps * flops / peak, "time": time.time()}
+            if eval_batches and (done % t.eval_every == 0 or final):
+                last["eval_loss"] = _evaluate(trainer, state["params"], eval_batches)
+            writer.write(last)
+            eta = (time.perf_counter() - run_start) / (done - start) * (t.steps - done)
+            log.info("step %d/%d loss %.4f%s lr %.2e gnorm %.3f | %.0f tok/s mfu %.1f%% | eta %s",
+                     done, t.steps, last["loss"],
+                     f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else "",
+                     last["lr"], last["grad_norm"], tps, 100 * last["mfu"], _fmt_time(eta))
+            window_start, window_steps = time.perf_counter(), 0
+        if done % cfg.checkpoint.every == 0 or final:
+            ckpt.save(done, state, {"step": done, "seed": cfg.data.seed})
+        if stop.stop:
+            log.warning("stopped at step %d after SIGTERM; checkpoint saved", done)
+            break
+    return last
+
+
+def _evaluate(trainer, params, eval_batches) -> float:
+    nll = weight = 0.0
+    for batch in eval_batches:
+        n, w = trainer.eval_step(params, _to_global(batch, trainer.batch_shardings))
+        nll, weight = nll + float(n), weight + float(w)
+    return nll / max(weight, 1.0)

@@ -1,0 +1,80 @@
+"""FLOP accounting, device peaks, and the metrics writers (JSONL + TensorBoard)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from phijax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device for common accelerators.
+DEVICE_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by component, from the shapes alone."""
+    e, f, l, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.dim_per_head
+    attn = e * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    counts = {"embedding": cfg.vocab_size * e, "attention": l * attn, "mlp": l * 3 * e * f,
+              "norms": (2 * l + 1) * e,
+              "lm_head": 0 if cfg.tie_word_embeddings else e * cfg.vocab_size}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 * matmul params + 12 * L * H * Q * T."""
+    c = param_counts(cfg)
+    matmul = c["attention"] + c["mlp"] + cfg.vocab_size * cfg.hidden_size
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.dim_per_head * seq_len
+    return 6.0 * matmul + attention
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """float32 FLOP/s of one large `jnp.dot` on the default device."""
+    a = jnp.ones((n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = dot(a, a)
+    out.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def device_peak(configured: float | None) -> float:
+    if configured:
+        return configured
+    kind = jax.devices()[0].device_kind
+    for name, peak in DEVICE_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return measure_matmul_peak()
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

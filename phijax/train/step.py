@@ -1,0 +1,118 @@
+"""The pure train and eval steps, and the sharded train state they act on.
+
+state = {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
+batch = {"tokens", "targets", "positions", "segment_ids": int32, "loss_weights": float32}, each (b, s)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from phijax.config import Config
+from phijax.model import init_model
+from phijax.sharding import batch_sharding, named, param_specs
+from phijax.train.optimizer import learning_rate_schedule, make_optimizer
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+
+
+def token_losses(graphdef, params, batch, z_loss: float):
+    """Weighted sums over tokens: (objective, nll, weight)."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # float32
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["loss_weights"]
+    nll = jnp.sum((logz - target_logit) * w)
+    objective = nll + z_loss * jnp.sum(jnp.square(logz) * w) if z_loss else nll
+    return objective, (nll, jnp.sum(w))
+
+
+def _split_microbatches(batch, n: int):
+    # (b, s) -> (n, b/n, s), taking rows n apart so each device's rows stay on that device.
+    return {k: jnp.moveaxis(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 1, 0)
+            for k, v in batch.items()}
+
+
+def make_train_step(cfg: Config, graphdef, optimizer: optax.GradientTransformation):
+    z_loss, n_micro = cfg.optimizer.z_loss, cfg.train.microbatches
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    grad_fn = jax.grad(lambda p, b: token_losses(graphdef, p, b, z_loss), has_aux=True)
+
+    def train_step(state, batch):
+        params = state["params"]
+        if n_micro == 1:
+            grads, (nll, weight) = grad_fn(params, batch)
+        else:
+            def accumulate(carry, micro):
+                g, (n, w) = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, carry, (g, n, w)), None
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+            (grads, nll, weight), _ = jax.lax.scan(accumulate, zeros,
+                                                   _split_microbatches(batch, n_micro))
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {"loss": nll / weight, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state["step"]), "tokens": weight}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, batch):
+        _, (nll, weight) = token_losses(graphdef, params, batch, 0.0)
+        return nll, weight
+    return eval_step
+
+
+@dataclass
+class Trainer:
+    """The compiled pieces of one run: shardings, init, train and eval steps."""
+    graphdef: Any
+    state_shardings: Any
+    batch_shardings: dict
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+    abstract_state: Any
+
+
+def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+    abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.train.seed))
+    graphdef, abstract_vars = nnx.split(abstract_model)
+    params_sh = named(param_specs(abstract_vars, mesh), mesh)
+    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
+
+    def init():
+        params = nnx.to_pure_dict(nnx.state(init_model(cfg.model, cfg.train.seed)))
+        return {"params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    abstract_state = jax.eval_shape(init)
+    replicated = NamedSharding(mesh, P())
+    # Optimizer moments mirror the params they belong to; scalars are replicated.
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"],
+                                   params_sh, transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    state_sh = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+    train_step = jax.jit(make_train_step(cfg, graphdef, optimizer),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(params_sh, batch_sh),
+                        out_shardings=replicated)
+    return Trainer(graphdef=graphdef, state_shardings=state_sh, batch_shardings=batch_sh,
+                   init=jax.jit(init, out_shardings=state_sh), train_step=train_step,
+                   eval_step=eval_step, abstract_state=abstract_state)
