@@ -30,7 +30,7 @@ REMAT_POLICIES = {
 def _param(rngs: nnx.Rngs, shape, names, std: float | None) -> nnx.Param:
     value = jnp.ones(shape, jnp.float32) if std is None else \
         std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-    return nnx.Param(value, sharding_names=names)
+    return nnx.Param(value, out_sharding=names)
 
 
 class RMSNorm(nnx.Module):

@@ -128,7 +128,8 @@ def _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop) -> di
         state, metrics = trainer.train_step(state, _to_global(next(it), trainer.batch_shardings))
         window_steps += 1
         done = step + 1
-        final = done == t.steps or stop.stop
+        stopping = stop.stop  # read once: a SIGTERM may land anywhere in this iteration
+        final = done == t.steps or stopping
         if done % t.log_every == 0 or done == start + 1 or final:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - window_start
@@ -147,7 +148,7 @@ def _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop) -> di
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.checkpoint.every == 0 or final:
             ckpt.save(done, state, {"step": done, "seed": cfg.data.seed})
-        if stop.stop:
+        if stopping:
             log.warning("stopped at step %d after SIGTERM; checkpoint saved", done)
             break
     return last

@@ -61,7 +61,7 @@ def make_train_step(cfg: Config, graphdef, optimizer: optax.GradientTransformati
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": nll / weight, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": nll / weight, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"]), "tokens": weight}
         return new_state, metrics
 
