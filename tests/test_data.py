@@ -1,0 +1,100 @@
+"""Tokenizer, token store and the Grain window pipeline."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from phijax.data.corpus import Skipped, documents
+from phijax.data.loader import Windows, batches, split_windows
+from phijax.data.store import TokenStore, build_store
+from phijax.data.tokenizer import SPECIALS, Tokenizer, padded_vocab_size, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = train_tokenizer(documents(["builtin:python-docs"]),
+                           tmp_path_factory.mktemp("tok") / "sp", vocab_size=600)
+    return Tokenizer(path)
+
+
+def test_tokenizer_has_specials_and_byte_fallback(tokenizer):
+    assert tokenizer.vocab_size == 600
+    for special in SPECIALS:
+        assert tokenizer.encode([special])[0][-1] == tokenizer.sp.piece_to_id(special)
+    text = "déjà vu 🙂 <|im_start|>user<|im_sep|>hi<|im_end|>"
+    assert tokenizer.decode(tokenizer.encode([text])[0]) == text
+    assert padded_vocab_size(100_261) == 100_352 and padded_vocab_size(600) == 640
+
+
+def test_store_and_windows(tokenizer, tmp_path):
+    docs = ["alpha beta gamma " * 5, "one two three", "x = 1\nprint(x)\n" * 3]
+    store = TokenStore(build_store(docs, tokenizer, tmp_path / "store"))
+    assert store.manifest["documents"] == 3
+    assert len(store) == store.offsets[-1] == store.manifest["tokens"]
+    assert all(store.tokens[o - 1] == tokenizer.eos_id for o in store.offsets[1:])
+    seq = 16
+    source = Windows(store, seq, 0, (len(store) - 1) // seq)
+    for i in range(len(source)):
+        w = source[i]
+        np.testing.assert_array_equal(w["targets"][:-1], w["tokens"][1:])
+        starts = np.flatnonzero(np.diff(w["segment_ids"])) + 1
+        for start in starts:  # a new document starts at position 0 and the previous EOS is not trained
+            assert w["positions"][start] == 0 and w["loss_weights"][start - 1] == 0
+            assert w["tokens"][start - 1] == tokenizer.eos_id
+        assert w["segment_ids"][0] == 0 and (np.diff(w["segment_ids"]) >= 0).all()
+
+
+def test_batches_are_a_function_of_seed_and_step(tokenizer, tmp_path):
+    store = TokenStore(build_store(documents(["builtin:python-docs"]), tokenizer, tmp_path / "s"))
+    ranges = split_windows(store, 32, 0.1)
+    source = Windows(store, 32, *ranges["train"])
+    full = list(batches(source, 4, seed=1, start_step=0, stop_step=6))
+    tail = list(batches(source, 4, seed=1, start_step=3, stop_step=6))
+    for a, b in zip(full[3:], tail):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    other = next(batches(source, 4, seed=2, start_step=0, stop_step=1))
+    assert not np.array_equal(other["tokens"], full[0]["tokens"])
+    # Two processes each build half of the same global batch.
+    halves = [next(batches(source, 4, 1, 0, 1, process_index=p, process_count=2)) for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h["tokens"] for h in halves]), full[0]["tokens"])
+    assert ranges["eval"][0] == ranges["train"][1]
+
+
+def test_epochs_reshuffle(tokenizer, tmp_path):
+    store = TokenStore(build_store(["word " * 200], tokenizer, tmp_path / "s"))
+    source = Windows(store, 8, 0, 8)
+    rows = np.concatenate([b["tokens"] for b in batches(source, 8, 0, 0, 2, prefetch=0)])
+    first, second = rows[:8], rows[8:]
+    key = lambda r: [tuple(x) for x in r]
+    assert sorted(key(first)) == sorted(key(second))  # each epoch sees every window once
+
+
+def test_bad_records_are_skipped_and_named(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "good one"}\n{"text": ""}\nnot json\n{"body": "x"}\n'
+                     b'{"text": 3}\n\xff\xfe\n{"text": "good two"}\n')
+    skipped = Skipped()
+    assert list(documents([str(path)], "text", skipped)) == ["good one", "good two"]
+    assert skipped.counts == {"empty text": 1, "invalid JSON": 1, "missing field 'text'": 1,
+                              "field 'text' is not a string": 1, "invalid UTF-8": 1}
+    assert skipped.examples[0] == f"{path}:2: empty text"
+
+
+@pytest.mark.slow
+def test_cli_tokenizer_and_tokenize(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} says hello world"}) + "\n"
+                              for i in range(200)) + '{"text": 5}\n')
+    run_cli("tokenizer", "train", corpus, "builtin:python-docs", "--out", tmp_path / "sp",
+            "--vocab-size", 400)
+    out = run_cli("data", "tokenize", corpus, "--tokenizer", tmp_path / "sp.model",
+                  "--out", tmp_path / "store")
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["documents"] == 200
+    assert manifest["skipped"] == {"field 'text' is not a string": 1}
+    assert f"{corpus}:201" in out.stderr
+    bad = run_cli("tokenizer", "train", tmp_path / "missing.jsonl", "--out", tmp_path / "x",
+                  check=False)
+    assert bad.returncode == 2 and "missing.jsonl does not exist" in bad.stderr

@@ -1,0 +1,54 @@
+"""Schedule, decay mask, z-loss and per-token loss weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phijax.config import ModelConfig, OptimizerConfig
+from phijax.model import init_model
+from phijax.train.optimizer import decay_mask, learning_rate_schedule
+from phijax.train.step import token_losses
+
+
+def test_linear_warmup_then_linear_decay_to_floor():
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=4, end_learning_rate_ratio=0.1)
+    lr = learning_rate_schedule(cfg, total_steps=14)
+    values = [float(lr(s)) for s in range(16)]
+    np.testing.assert_allclose(values[:4], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(values[4:9], [1.0, 0.91, 0.82, 0.73, 0.64], rtol=1e-6)
+    np.testing.assert_allclose(values[14:], [0.1, 0.1], rtol=1e-6)
+
+
+def test_no_weight_decay_on_norms_and_embeddings_unless_asked():
+    params = nnx.to_pure_dict(nnx.state(init_model(ModelConfig(), 0)))
+    mask = decay_mask(params, False)
+    assert mask["embed"] is False and mask["final_norm"]["scale"] is False
+    assert mask["layers"]["attn_norm"]["scale"] is False
+    assert mask["layers"]["attn"]["qkv"] is True and mask["lm_head"] is True
+    assert all(jax.tree.leaves(decay_mask(params, True)))
+
+
+def _batch(weights):
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, 512, (2, 8)), jnp.int32)
+    return {"tokens": toks, "targets": jnp.roll(toks, -1, 1),
+            "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)),
+            "segment_ids": jnp.zeros((2, 8), jnp.int32), "loss_weights": jnp.asarray(weights)}
+
+
+def test_loss_weights_mask_tokens_and_z_loss_adds_log_z_squared():
+    model = init_model(ModelConfig(), 0)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    weights = np.ones((2, 8), np.float32)
+    weights[1, 4:] = 0.0
+    batch = _batch(weights)
+    objective, (nll, weight) = token_losses(graphdef, params, batch, 0.0)
+    logits = model(batch["tokens"])
+    logp = jax.nn.log_softmax(logits, -1)
+    per_token = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, jnp.sum(per_token * weights), rtol=1e-6)
+    assert float(weight) == 12.0 and float(objective) == float(nll)
+    with_z, _ = token_losses(graphdef, params, batch, 1e-2)
+    logz = jax.nn.logsumexp(logits, -1)
+    np.testing.assert_allclose(with_z, nll + 1e-2 * jnp.sum(logz ** 2 * weights), rtol=1e-6)
