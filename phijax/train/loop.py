@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from phijax.config import Config, ConfigError, to_dict, validate
 from phijax.data.loader import Windows, batches, split_windows, synthetic_batches
@@ -23,10 +24,20 @@ log = logging.getLogger("phijax")
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-    """Multi-process JAX when asked, or when the environment describes a cluster."""
-    cluster_env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
-    if mode == "on" or (mode == "auto" and cluster_env):
-        jax.distributed.initialize()
+    """Multi-process JAX when asked (`on`: a cluster JAX detects, SLURM, TPU pods...), or when the
+    environment names a coordinator: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
+    env = os.environ
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    if mode == "off" or (mode == "auto" and not coordinator):
+        return
+    kwargs = {}
+    if coordinator:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
+        kwargs = {"coordinator_address": coordinator, "num_processes": int(env["JAX_NUM_PROCESSES"]),
+                  "process_id": int(env["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**kwargs)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -77,7 +88,11 @@ def train(cfg: Config) -> dict:
     tokenizer_store = None
     if not cfg.data.synthetic:
         from phijax.data.prepare import prepare
-        tokenizer_store = prepare(cfg.data)
+        if jax.process_index() == 0:  # builds the cache once; the others then read it
+            tokenizer_store = prepare(cfg.data)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("phijax: data prepared")
+        tokenizer_store = tokenizer_store or prepare(cfg.data)
         if tokenizer_store[0].vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's {tokenizer_store[0].vocab_size} pieces")
