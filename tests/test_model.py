@@ -76,3 +76,20 @@ def test_seed_fixes_init():
     c = jax.tree.leaves(nnx.state(init_model(CFG, 8)))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("blocks", [2, 4, 8])
+def test_block_skipping_attention_equals_full_softmax(blocks):
+    from phijax.model import attention_mask, causal_attention
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 64, 2, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.sort(rng.integers(0, 4, (2, 64)), axis=1))
+    mask = attention_mask(segments)
+    np.testing.assert_allclose(causal_attention(q, k, v, mask, blocks),
+                               causal_attention(q, k, v, mask, 1), atol=1e-5)
+
+
+def test_query_blocks_divide_the_sequence():
+    from phijax.model import query_blocks
+    assert [query_blocks(s) for s in (16, 64, 128, 512, 4096, 96, 200)] == [1, 1, 2, 8, 8, 1, 2]

@@ -27,7 +27,9 @@ def token_losses(graphdef, params, batch, z_loss: float):
     model = nnx.merge(graphdef, params)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # float32
     logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    # A one-hot select rather than take_along_axis: its gradient is a fused select, not a scatter.
+    vocab = jnp.arange(logits.shape[-1], dtype=batch["targets"].dtype)
+    target_logit = jnp.sum(jnp.where(vocab == batch["targets"][..., None], logits, 0.0), axis=-1)
     w = batch["loss_weights"]
     nll = jnp.sum((logz - target_logit) * w)
     objective = nll + z_loss * jnp.sum(jnp.square(logz) * w) if z_loss else nll
