@@ -25,12 +25,16 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
 def token_losses(graphdef, params, batch, z_loss: float):
     """Weighted sums over tokens: (objective, nll, weight)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # float32
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    # A one-hot select rather than take_along_axis: its gradient is a fused select, not a scatter.
-    vocab = jnp.arange(logits.shape[-1], dtype=batch["targets"].dtype)
-    target_logit = jnp.sum(jnp.where(vocab == batch["targets"][..., None], logits, 0.0), axis=-1)
-    w = batch["loss_weights"]
+    h = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    h = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
+    w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
+    logz = jax.nn.logsumexp(jnp.dot(h, w_out, preferred_element_type=jnp.float32), axis=-1)
+    # The target logit straight from h and the target's output column: O(tokens * hidden),
+    # where picking it out of the logits would add full (tokens, vocab) passes to both directions.
+    targets = batch["targets"].reshape(-1)
+    target_logit = jnp.einsum("te,et->t", h, jnp.take(w_out, targets, axis=1),
+                              preferred_element_type=jnp.float32)
+    w = batch["loss_weights"].reshape(-1)
     nll = jnp.sum((logz - target_logit) * w)
     objective = nll + z_loss * jnp.sum(jnp.square(logz) * w) if z_loss else nll
     return objective, (nll, jnp.sum(w))
