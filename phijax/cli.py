@@ -21,7 +21,7 @@ def _info(args) -> int:
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         name = "norms" if path[-1] == "scale" else ".".join(str(p) for p in path)
         name = {"embed": "embedding", "layers.attn.qkv": "attention", "layers.attn.o": "attention",
-                "layers.mlp.gate_up": "mlp", "layers.mlp.down": "mlp"}.get(name, name)
+                "layers.mlp.gate": "mlp", "layers.mlp.up": "mlp", "layers.mlp.down": "mlp"}.get(name, name)
         groups[name] = groups.get(name, 0) + int(np.prod(var.shape))
     total = sum(groups.values())
     m = cfg.model

@@ -5,10 +5,10 @@ Layers are stacked on a leading axis and run with `jax.lax.scan` under `jax.chec
 Every parameter carries logical axis names (`out_sharding` metadata) that `phijax.sharding`
 maps onto the mesh. Parameters are float32; compute runs in `config.dtype`.
 
-Projection layouts (fused for speed; `convert.py` maps them to and from HF):
+Projection layouts (HF fuses `qkv_proj` as [q | k | v] and `gate_up_proj` as [gate | up]):
   qkv      (embed, kv_heads, q_per_kv + 2, head_dim)  -- per KV group: its query heads, then k, v
   o        (kv_heads, q_per_kv, head_dim, embed)
-  gate_up  (embed, 2, mlp)                              -- [gate | up]
+  gate, up (embed, mlp); down (mlp, embed)
 """
 from __future__ import annotations
 
@@ -130,13 +130,15 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        self.gate_up = _param(rngs, (e, 2, f), ("embed", None, "mlp"), std)
+        # Separate gate and up matrices: on XLA:CPU the fused (embed, 2, mlp) form costs ~12%
+        # more per MLP, in the slicing of its output and the matching pads in the gradient.
+        self.gate = _param(rngs, (e, f), ("embed", "mlp"), std)
+        self.up = _param(rngs, (e, f), ("embed", "mlp"), std)
         self.down = _param(rngs, (f, e), ("mlp", "embed"), std)
 
     def __call__(self, x):
         dt = x.dtype
-        h = jnp.einsum("te,ecf->tcf", x, self.gate_up[...].astype(dt))
-        h = jax.nn.silu(h[:, 0]) * h[:, 1]
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
         return h @ self.down[...].astype(dt)
 
 
