@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "jax"):  # orbax's per-save chatter, "Unable to initialize backend 'tpu'"
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except (ConfigError, ValueError) as e:
