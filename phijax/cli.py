@@ -1,4 +1,4 @@
-"""`phijax` command line: train | info | tokenizer train | data tokenize."""
+"""`phijax` command line: train | info | tokenizer train | data tokenize | data report."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,24 @@ def _data_tokenize(args) -> int:
     return 0
 
 
+def _token_count(text: str) -> float:
+    """'10T', '290B', '5e9' -> a number of tokens."""
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    text = text.strip().upper()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens: {text!r} is not a token count like 10T")
+
+
+def _data_report(args) -> int:
+    from phijax.data.mixture import format_plan, load_mixture, plan
+
+    mixture = load_mixture(args.mixture)
+    print(format_plan(plan(mixture, args.tokens), args.tokens, mixture.max_epochs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phijax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--text-field", default="text")
     s.set_defaults(fn=_data_tokenize)
+    s = data.add_parser("report", help="plan a mixture: tokens seen and epochs per source")
+    s.add_argument("mixture", help="mixture YAML, e.g. configs/mixtures/phi-4.yaml")
+    s.add_argument("--tokens", type=_token_count, required=True, help="training tokens, e.g. 10T")
+    s.set_defaults(fn=_data_report)
     return p
 
 

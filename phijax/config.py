@@ -172,7 +172,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -186,7 +186,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key {full}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, full)
+            kwargs[key] = from_dict(tp, value or {}, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -225,7 +225,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path}: invalid YAML: {first}") from None
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, "")
+    cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg
 

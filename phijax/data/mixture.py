@@ -1,0 +1,127 @@
+"""Mixtures of token stores: shares per source, the planning report, and the exact block mixer.
+
+Every training window has `seq_len + 1` tokens, so mixing windows in fixed proportions mixes
+tokens in those proportions. The block mixer makes that exact rather than expected: the global
+window stream is cut into blocks of `block` windows; each block holds a fixed count of windows
+from every source (largest-remainder rounding of share * block), in a seeded order that differs
+per block. Window i of the stream is a pure function of (seed, i), so resume needs only the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from phijax.config import ConfigError, from_dict
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    share: float = 0.0
+    store: Optional[str] = None  # token store directory
+    unique_tokens: Optional[float] = None  # for planning without a store (e.g. the paper's counts)
+
+
+@dataclass
+class MixtureConfig:
+    sources: list = None
+    max_epochs: float = 20.0  # the report warns when a source would repeat more often
+
+
+def load_mixture(path: str | Path) -> MixtureConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"mixture file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    sources = raw.pop("sources", None)
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(f"mixture {path}: 'sources' must be a non-empty list")
+    cfg = from_dict(MixtureConfig, raw, "mixture")
+    cfg.sources = [from_dict(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(sources)]
+    validate_mixture(cfg)
+    return cfg
+
+
+def validate_mixture(cfg: MixtureConfig) -> None:
+    names = [s.name for s in cfg.sources]
+    for i, s in enumerate(cfg.sources):
+        if not s.name:
+            raise ConfigError(f"sources[{i}]: every source needs a name")
+        if names.count(s.name) > 1:
+            raise ConfigError(f"source {s.name}: the name is used twice")
+        if s.share <= 0:
+            raise ConfigError(f"source {s.name}: share must be positive, got {s.share}")
+    total = sum(s.share for s in cfg.sources)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"mixture shares sum to {total:g}, not 1 "
+                          f"({', '.join(f'{s.name}={s.share:g}' for s in cfg.sources)})")
+
+
+def block_counts(shares: list[float], block: int) -> np.ndarray:
+    """Windows per source in one block: largest-remainder rounding of share * block."""
+    exact = np.asarray(shares, np.float64) * block
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: block - counts.sum()]] += 1
+    if (counts == 0).any():
+        raise ConfigError(f"a block of {block} windows gives some source no window; "
+                          f"raise the block size or the smallest share")
+    return counts
+
+
+class BlockMixer:
+    """Maps global window index -> (source, index within that source's stream)."""
+
+    def __init__(self, shares: list[float], seed: int, block: int = 1000):
+        self.counts = block_counts(shares, block)
+        self.block, self.seed = block, seed
+        self.layout = np.repeat(np.arange(len(shares)), self.counts)  # sources, sorted
+        self.rank = np.concatenate([np.arange(c) for c in self.counts])  # rank within source
+
+    def __call__(self, index: int) -> tuple[int, int]:
+        b, pos = divmod(int(index), self.block)
+        perm = np.random.default_rng([self.seed, b]).permutation(self.block)
+        slot = perm[pos]
+        source = int(self.layout[slot])
+        return source, b * int(self.counts[source]) + int(self.rank[slot])
+
+
+def plan(cfg: MixtureConfig, total_tokens: float) -> list[dict]:
+    """Per source: share, unique tokens, tokens seen and epochs after `total_tokens`."""
+    rows = []
+    for s in cfg.sources:
+        unique = s.unique_tokens
+        if unique is None:
+            if not s.store:
+                raise ConfigError(f"source {s.name}: needs a store or unique_tokens to plan")
+            from phijax.data.store import TokenStore
+            unique = len(TokenStore(s.store))
+        seen = s.share * total_tokens
+        rows.append({"source": s.name, "share": s.share, "unique_tokens": unique,
+                     "tokens_seen": seen, "epochs": seen / unique,
+                     "warning": seen / unique > cfg.max_epochs})
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(rows: list[dict], total_tokens: float, max_epochs: float) -> str:
+    lines = [f"plan for {_human(total_tokens)} training tokens",
+             f"{'source':<16} {'share':>6} {'unique':>8} {'seen':>8} {'epochs':>7}"]
+    for r in rows:
+        lines.append(f"{r['source']:<16} {r['share']:>6.1%} {_human(r['unique_tokens']):>8} "
+                     f"{_human(r['tokens_seen']):>8} {r['epochs']:>7.1f}")
+    for r in rows:
+        if r["warning"]:
+            lines.append(f"warning: source {r['source']} repeats {r['epochs']:.1f} times, "
+                         f"more than max_epochs {max_epochs:g}")
+    return "\n".join(lines)
