@@ -74,6 +74,7 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
+    mixture: Optional[str] = None  # mixture YAML (sources with shares); replaces `corpus`
     text_field: str = "text"
     tokenizer: Optional[str] = None  # sentencepiece .model; trained from corpus when unset
     tokenizer_vocab_size: int = 512

@@ -21,15 +21,15 @@ def test_main_job_trains_tiny_model_and_loss_falls(tmp_path, cache_dir):
                   f"data.cache_dir={cache_dir}")
     metrics = read_metrics(run_dir)
     first, last = metrics[0], metrics[-1]
-    assert first["step"] == 1 and last["step"] == 200
+    assert first["step"] == 1 and last["step"] == 300
     assert last["loss"] < 0.6 * first["loss"], (first, last)
     assert last["eval_loss"] < 0.6 * first["loss"]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
         assert key in last
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "checkpoints" / "200").is_dir()
-    assert re.search(r"step 200/200 loss [\d.]+ eval [\d.]+ .* tok/s mfu [\d.]+% \| eta", out.stderr)
+    assert (run_dir / "checkpoints" / "300").is_dir()
+    assert re.search(r"step 300/300 loss [\d.]+ eval [\d.]+ .* tok/s mfu [\d.]+% \| eta", out.stderr)
     # Rerunning a finished run is a no-op that says so.
     again = run_cli("train", ROOT / "configs" / "tiny.yaml", f"run.dir={run_dir}",
                     f"data.cache_dir={cache_dir}")
-    assert "already complete at step 200" in again.stderr
+    assert "already complete at step 300" in again.stderr

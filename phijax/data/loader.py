@@ -2,7 +2,7 @@
 
 Window i covers tokens [i*S, i*S + S + 1): inputs are its first S tokens, targets the last S.
 Segment ids and positions come from the store's document offsets, so attention can stop at
-document boundaries. The batch for a step is a pure function of (seed, step), so the data state
+document boundaries. Sources are mixed by `BlockMixer`. The batch for a step is a pure function of (seed, step), so the data state
 to checkpoint is just the step.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from phijax.data.mixture import BlockMixer
 from phijax.data.store import TokenStore
 
 
@@ -53,16 +54,25 @@ def split_windows(store: TokenStore, seq_len: int, eval_fraction: float) -> dict
     return {"train": (0, n - n_eval), "eval": (n - n_eval, n)}
 
 
-def batches(source: Windows, batch_size: int, seed: int, start_step: int, stop_step: int,
-            process_index: int = 0, process_count: int = 1, threads: int = 2,
-            prefetch: int = 2):
-    """Iterator over this process's rows of the global batches for steps [start, stop)."""
-    windows = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+def batches(sources: list[Windows], shares: list[float], batch_size: int, seed: int,
+            start_step: int, stop_step: int, process_index: int = 0, process_count: int = 1,
+            threads: int = 2, prefetch: int = 2, block: int = 1000):
+    """Iterator over this process's rows of the global batches for steps [start, stop).
+
+    Each source is reshuffled every epoch; the block mixer (phijax.data.mixture) interleaves them
+    in exactly the configured shares of windows, hence of tokens.
+    """
+    streams = [grain.MapDataset.source(s).shuffle(seed=seed + i).repeat(None)
+               for i, s in enumerate(sources)]
+    mixer = BlockMixer(shares, seed, block)
     local = batch_size // process_count
     first_row = process_index * local
 
     def batch_at(step: int) -> dict:
-        rows = [windows[step * batch_size + first_row + j] for j in range(local)]
+        rows = []
+        for j in range(local):
+            source, index = mixer(step * batch_size + first_row + j)
+            rows.append(streams[source][index])
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     steps = grain.MapDataset.range(start_step, stop_step).map(batch_at)

@@ -8,7 +8,8 @@ per block. Window i of the stream is a pure function of (seed, i), so resume nee
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,8 @@ from phijax.config import ConfigError, from_dict
 class SourceConfig:
     name: str = ""
     share: float = 0.0
-    store: Optional[str] = None  # token store directory
+    corpus: list[str] = field(default_factory=list)  # specs to build a store from (cached)
+    store: Optional[str] = None  # or an existing token store directory
     unique_tokens: Optional[float] = None  # for planning without a store (e.g. the paper's counts)
 
 
@@ -55,6 +57,8 @@ def validate_mixture(cfg: MixtureConfig) -> None:
             raise ConfigError(f"source {s.name}: the name is used twice")
         if s.share <= 0:
             raise ConfigError(f"source {s.name}: share must be positive, got {s.share}")
+        if s.corpus and s.store:
+            raise ConfigError(f"source {s.name}: give either corpus or store, not both")
     total = sum(s.share for s in cfg.sources)
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"mixture shares sum to {total:g}, not 1 "
@@ -74,20 +78,32 @@ def block_counts(shares: list[float], block: int) -> np.ndarray:
 
 
 class BlockMixer:
-    """Maps global window index -> (source, index within that source's stream)."""
+    """Maps global window index -> (source, index within that source's stream).
+
+    Each source's stream is consumed in order (0, 1, 2, ...), so a source's own per-epoch
+    shuffle decides which window comes next and every window is seen once per epoch.
+    """
 
     def __init__(self, shares: list[float], seed: int, block: int = 1000):
         self.counts = block_counts(shares, block)
         self.block, self.seed = block, seed
-        self.layout = np.repeat(np.arange(len(shares)), self.counts)  # sources, sorted
-        self.rank = np.concatenate([np.arange(c) for c in self.counts])  # rank within source
+        self.layout = np.repeat(np.arange(len(shares)), self.counts)
+
+    @functools.lru_cache(maxsize=4)
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each position, how many earlier positions of the block share it)."""
+        sources = np.random.default_rng([self.seed, b]).permutation(self.layout)
+        rank = np.zeros(self.block, np.int64)
+        for source in range(len(self.counts)):
+            where = sources == source
+            rank[where] = np.arange(where.sum())
+        return sources, rank
 
     def __call__(self, index: int) -> tuple[int, int]:
         b, pos = divmod(int(index), self.block)
-        perm = np.random.default_rng([self.seed, b]).permutation(self.block)
-        slot = perm[pos]
-        source = int(self.layout[slot])
-        return source, b * int(self.counts[source]) + int(self.rank[slot])
+        sources, rank = self._block(b)
+        source = int(sources[pos])
+        return source, b * int(self.counts[source]) + int(rank[pos])
 
 
 def plan(cfg: MixtureConfig, total_tokens: float) -> list[dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from phijax.config import DataConfig
 from phijax.data.corpus import Skipped, check_specs, documents
+from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -18,21 +19,42 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prepare(cfg: DataConfig) -> tuple[Tokenizer, TokenStore]:
-    check_specs(cfg.corpus)
+def mixture_for(cfg: DataConfig) -> MixtureConfig:
+    """The run's mixture: `data.mixture`, or `data.corpus` as a mixture of one."""
+    if cfg.mixture:
+        return load_mixture(cfg.mixture)
+    return MixtureConfig(sources=[SourceConfig(name="corpus", share=1.0, corpus=cfg.corpus)])
+
+
+def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]]:
+    """Tokenizer and one token store per mixture source, built into the cache when missing."""
+    mixture = mixture_for(cfg)
+    for s in mixture.sources:
+        if not s.corpus and not s.store:
+            raise ValueError(f"source {s.name}: needs a corpus or a store")
+        check_specs(s.corpus)
+    corpus = [spec for s in mixture.sources for spec in s.corpus]
     cache = Path(cfg.cache_dir).expanduser()
     if cfg.tokenizer:
         tokenizer = Tokenizer(cfg.tokenizer)
     else:
-        path = cache / "tokenizers" / f"sp-{_key(cfg.corpus, cfg.text_field, cfg.tokenizer_vocab_size)}"
+        if not corpus:
+            raise ValueError("data.tokenizer is unset and no source has a corpus to train one on")
+        path = cache / "tokenizers" / f"sp-{_key(corpus, cfg.text_field, cfg.tokenizer_vocab_size)}"
         if not path.with_suffix(".model").is_file():
-            log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, cfg.corpus)
-            train_tokenizer(documents(cfg.corpus, cfg.text_field), path, cfg.tokenizer_vocab_size)
+            log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, corpus)
+            train_tokenizer(documents(corpus, cfg.text_field), path, cfg.tokenizer_vocab_size)
         tokenizer = Tokenizer(path.with_suffix(".model"))
-    store_path = cache / "stores" / f"store-{_key(cfg.corpus, cfg.text_field, tokenizer.hash)}"
-    if not (store_path / "manifest.json").is_file():
+    stores = [TokenStore(s.store) if s.store else _cached_store(s.corpus, cfg, tokenizer, cache)
+              for s in mixture.sources]
+    return tokenizer, mixture, stores
+
+
+def _cached_store(corpus: list[str], cfg: DataConfig, tokenizer: Tokenizer, cache: Path):
+    path = cache / "stores" / f"store-{_key(corpus, cfg.text_field, tokenizer.hash)}"
+    if not (path / "manifest.json").is_file():
         skipped = Skipped()
-        build_store(documents(cfg.corpus, cfg.text_field, skipped), tokenizer, store_path, skipped)
+        build_store(documents(corpus, cfg.text_field, skipped), tokenizer, path, skipped)
         if skipped.counts:
             log.warning("skipped records %s, e.g. %s", skipped.counts, "; ".join(skipped.examples))
-    return tokenizer, TokenStore(store_path)
+    return TokenStore(path)

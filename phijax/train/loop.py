@@ -63,21 +63,25 @@ class _StopFlag:
         self.stop = True
 
 
-def _data(cfg: Config, tokenizer_store, start: int):
+def _data(cfg: Config, prepared, start: int):
     """(train iterator from `start`, list of fixed eval batches), this process's rows."""
     d, t = cfg.data, cfg.train
     pi, pc = jax.process_index(), jax.process_count()
     if d.synthetic:
         return (synthetic_batches(cfg.model.vocab_size, t.batch_size // pc, d.seq_len,
                                   d.seed + pi, start, t.steps), [])
-    _, store = tokenizer_store
-    ranges = split_windows(store, d.seq_len, d.eval_fraction)
-    train = Windows(store, d.seq_len, *ranges["train"], document_mask=d.document_mask)
-    it = batches(train, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
+    _, mixture, stores = prepared
+    shares = [s.share for s in mixture.sources]
+    ranges = [split_windows(store, d.seq_len, d.eval_fraction) for store in stores]
+    train = [Windows(st, d.seq_len, *r["train"], document_mask=d.document_mask)
+             for st, r in zip(stores, ranges)]
+    it = batches(train, shares, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
     evals = []
-    if len(range(*ranges["eval"])) >= t.batch_size:
-        held = Windows(store, d.seq_len, *ranges["eval"], document_mask=d.document_mask)
-        evals = list(batches(held, t.batch_size, d.seed, 0, t.eval_batches, pi, pc, prefetch=0))
+    if all(r["eval"][1] > r["eval"][0] for r in ranges):
+        held = [Windows(st, d.seq_len, *r["eval"], document_mask=d.document_mask)
+                for st, r in zip(stores, ranges)]
+        evals = list(batches(held, shares, t.batch_size, d.seed, 0, t.eval_batches, pi, pc,
+                             prefetch=0))
     return it, evals
 
 
@@ -85,17 +89,17 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
     maybe_initialize_distributed(cfg.run.distributed)
     validate(cfg, jax.device_count())
-    tokenizer_store = None
+    prepared = None
     if not cfg.data.synthetic:
         from phijax.data.prepare import prepare
         if jax.process_index() == 0:  # builds the cache once; the others then read it
-            tokenizer_store = prepare(cfg.data)
+            prepared = prepare(cfg.data)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("phijax: data prepared")
-        tokenizer_store = tokenizer_store or prepare(cfg.data)
-        if tokenizer_store[0].vocab_size > cfg.model.vocab_size:
+        prepared = prepared or prepare(cfg.data)
+        if prepared[0].vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's {tokenizer_store[0].vocab_size} pieces")
+                              f"tokenizer's {prepared[0].vocab_size} pieces")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
@@ -120,7 +124,7 @@ def train(cfg: Config) -> dict:
             ckpt.close()
             return {"step": start}
         writer = MetricsWriter(run_dir, enabled=primary)
-        last = _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop)
+        last = _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop)
         writer.close()
         ckpt.close()
     return last
@@ -131,9 +135,9 @@ def _to_global(batch: dict, shardings: dict) -> dict:
             for k, v in batch.items()}
 
 
-def _loop(cfg, trainer, state, start, tokenizer_store, ckpt, writer, stop) -> dict:
+def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
     t = cfg.train
-    it, eval_batches = _data(cfg, tokenizer_store, start)
+    it, eval_batches = _data(cfg, prepared, start)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak(t.peak_flops_per_device) * jax.device_count()
     tokens_per_step = t.batch_size * cfg.data.seq_len
