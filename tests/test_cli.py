@@ -26,6 +26,8 @@ def test_main_job_trains_tiny_model_and_loss_falls(tmp_path, cache_dir):
     assert last["eval_loss"] < 0.6 * first["loss"]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
         assert key in last
+    assert last["epochs/python-docs"] > 0 and last["epochs/python-stdlib"] > 0
+    assert "realized epochs per source: python-docs" in out.stderr
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "300").is_dir()
     assert re.search(r"step 300/300 loss [\d.]+ eval [\d.]+ .* tok/s mfu [\d.]+% \| eta", out.stderr)

@@ -56,3 +56,10 @@ def test_block_mixer_visits_each_source_stream_once_in_order_and_reshuffles():
     again = BlockMixer([0.6, 0.3, 0.1], seed=0, block=100)
     assert [again(i) for i in range(250, 300)] == picks[250:300]  # from (seed, index) alone
     assert [BlockMixer([0.6, 0.3, 0.1], seed=1, block=100)(i) for i in range(100)] != picks[:100]
+
+
+def test_consumed_counts_match_the_stream():
+    mixer = BlockMixer([0.5, 0.3, 0.2], seed=4, block=100)
+    sources = [mixer(i)[0] for i in range(350)]
+    for n in (0, 1, 99, 100, 137, 350):
+        np.testing.assert_array_equal(mixer.consumed(n), np.bincount(sources[:n], minlength=3))

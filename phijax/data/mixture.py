@@ -99,6 +99,11 @@ class BlockMixer:
             rank[where] = np.arange(where.sum())
         return sources, rank
 
+    def consumed(self, n: int) -> np.ndarray:
+        """Windows taken from each source by the first `n` windows of the stream."""
+        b, pos = divmod(int(n), self.block)
+        return b * self.counts + np.bincount(self._block(b)[0][:pos], minlength=len(self.counts))
+
     def __call__(self, index: int) -> tuple[int, int]:
         b, pos = divmod(int(index), self.block)
         sources, rank = self._block(b)

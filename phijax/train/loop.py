@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from phijax.config import Config, ConfigError, to_dict, validate
 from phijax.data.loader import Windows, batches, split_windows, synthetic_batches
+from phijax.data.mixture import BlockMixer
 from phijax.sharding import make_mesh
 from phijax.train.checkpoint import Checkpointer
 from phijax.train.metrics import MetricsWriter, device_peak, flops_per_token
@@ -64,12 +65,12 @@ class _StopFlag:
 
 
 def _data(cfg: Config, prepared, start: int):
-    """(train iterator from `start`, list of fixed eval batches), this process's rows."""
+    """(train iterator from `start`, fixed eval batches, step -> realized epochs per source)."""
     d, t = cfg.data, cfg.train
     pi, pc = jax.process_index(), jax.process_count()
     if d.synthetic:
         return (synthetic_batches(cfg.model.vocab_size, t.batch_size // pc, d.seq_len,
-                                  d.seed + pi, start, t.steps), [])
+                                  d.seed + pi, start, t.steps), [], lambda step: {})
     _, mixture, stores = prepared
     shares = [s.share for s in mixture.sources]
     ranges = [split_windows(store, d.seq_len, d.eval_fraction) for store in stores]
@@ -82,7 +83,13 @@ def _data(cfg: Config, prepared, start: int):
                 for st, r in zip(stores, ranges)]
         evals = list(batches(held, shares, t.batch_size, d.seed, 0, t.eval_batches, pi, pc,
                              prefetch=0))
-    return it, evals
+    mixer, sizes = BlockMixer(shares, d.seed), np.array([len(w) for w in train])
+
+    def epochs_at(step: int) -> dict:
+        seen = mixer.consumed(step * t.batch_size) / sizes
+        return {f"epochs/{s.name}": float(e) for s, e in zip(mixture.sources, seen)}
+
+    return it, evals, epochs_at
 
 
 def train(cfg: Config) -> dict:
@@ -125,6 +132,9 @@ def train(cfg: Config) -> dict:
             return {"step": start}
         writer = MetricsWriter(run_dir, enabled=primary)
         last = _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop)
+        epochs = [f"{k[len('epochs/'):]} {v:.2f}" for k, v in last.items() if k.startswith("epochs/")]
+        if epochs:
+            log.info("realized epochs per source: %s", ", ".join(epochs))
         writer.close()
         ckpt.close()
     return last
@@ -137,7 +147,7 @@ def _to_global(batch: dict, shardings: dict) -> dict:
 
 def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
     t = cfg.train
-    it, eval_batches = _data(cfg, prepared, start)
+    it, eval_batches, epochs_at = _data(cfg, prepared, start)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak(t.peak_flops_per_device) * jax.device_count()
     tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -155,7 +165,7 @@ def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
             tps = window_steps * tokens_per_step / elapsed
             last = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
                     "grad_norm": metrics["grad_norm"], "tokens_per_s": tps,
-                    "mfu": tps * flops / peak, "time": time.time()}
+                    "mfu": tps * flops / peak, "time": time.time(), **epochs_at(done)}
             if eval_batches and (done % t.eval_every == 0 or final):
                 last["eval_loss"] = _evaluate(trainer, state["params"], eval_batches)
             writer.write(last)
