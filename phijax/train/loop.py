@@ -119,6 +119,10 @@ def train(cfg: Config) -> dict:
     stop = _StopFlag()
     with jax.set_mesh(mesh):
         start = ckpt.latest_step() or 0
+        if start >= cfg.train.steps:
+            log.info("run %s is already complete at step %d", run_dir, start)
+            ckpt.close()
+            return {"step": start}
         if start:
             state, data_state = ckpt.restore(start, trainer.abstract_state)
             log.info("resumed from step %d (data state %s)", start, data_state)
@@ -126,10 +130,6 @@ def train(cfg: Config) -> dict:
             state = trainer.init()
         if primary:
             _trim_metrics(run_dir / "metrics.jsonl", start)
-        if start >= cfg.train.steps:
-            log.info("run %s is already complete at step %d", run_dir, start)
-            ckpt.close()
-            return {"step": start}
         writer = MetricsWriter(run_dir, enabled=primary)
         last = _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop)
         epochs = [f"{k[len('epochs/'):]} {v:.2f}" for k, v in last.items() if k.startswith("epochs/")]
