@@ -204,12 +204,14 @@ class Phi(nnx.Module):
         """(hidden, vocab) projection to logits, float32."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
+    def logits(self, h):
+        """float32 logits of hidden states h (..., hidden), as one 2-D matmul over all tokens."""
+        w = self.output_weights().astype(h.dtype)
+        out = jnp.dot(h.reshape(-1, h.shape[-1]), w, preferred_element_type=jnp.float32)
+        return out.reshape(*h.shape[:-1], -1)
+
     def __call__(self, tokens, positions=None, segment_ids=None):
-        h = self.hidden_states(tokens, positions, segment_ids)
-        b, s, e = h.shape
-        logits = jnp.dot(h.reshape(b * s, e), self.output_weights().astype(h.dtype),
-                         preferred_element_type=jnp.float32)
-        return logits.reshape(b, s, -1)
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
 
 
 def init_model(cfg: ModelConfig, seed: int) -> Phi:

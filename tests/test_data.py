@@ -7,6 +7,7 @@ import pytest
 from conftest import run_cli
 from phijax.data.corpus import Skipped, documents
 from phijax.data.loader import Windows, batches, split_windows
+from phijax.data.mixture import BlockMixer
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import SPECIALS, Tokenizer, padded_vocab_size, train_tokenizer
 
@@ -49,15 +50,16 @@ def test_batches_are_a_function_of_seed_and_step(tokenizer, tmp_path):
     store = TokenStore(build_store(documents(["builtin:python-docs"]), tokenizer, tmp_path / "s"))
     ranges = split_windows(store, 32, 0.1)
     source = Windows(store, 32, *ranges["train"])
-    full = list(batches([source], [1.0], 4, seed=1, start_step=0, stop_step=6))
-    tail = list(batches([source], [1.0], 4, seed=1, start_step=3, stop_step=6))
+    full = list(batches([source], BlockMixer([1.0], 1), 4, seed=1, start_step=0, stop_step=6))
+    tail = list(batches([source], BlockMixer([1.0], 1), 4, seed=1, start_step=3, stop_step=6))
     for a, b in zip(full[3:], tail):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    other = next(batches([source], [1.0], 4, seed=2, start_step=0, stop_step=1))
+    other = next(batches([source], BlockMixer([1.0], 2), 4, seed=2, start_step=0, stop_step=1))
     assert not np.array_equal(other["tokens"], full[0]["tokens"])
     # Two processes each build half of the same global batch.
-    halves = [next(batches([source], [1.0], 4, 1, 0, 1, process_index=p, process_count=2))
+    mixer = BlockMixer([1.0], 1)
+    halves = [next(batches([source], mixer, 4, 1, 0, 1, process_index=p, process_count=2))
               for p in (0, 1)]
     np.testing.assert_array_equal(np.concatenate([h["tokens"] for h in halves]), full[0]["tokens"])
     assert ranges["eval"][0] == ranges["train"][1]
@@ -66,7 +68,8 @@ def test_batches_are_a_function_of_seed_and_step(tokenizer, tmp_path):
 def test_epochs_reshuffle(tokenizer, tmp_path):
     store = TokenStore(build_store(["word " * 200], tokenizer, tmp_path / "s"))
     source = Windows(store, 8, 0, 8)
-    rows = np.concatenate([b["tokens"] for b in batches([source], [1.0], 8, 0, 0, 2, prefetch=0)])
+    stream = batches([source], BlockMixer([1.0], 0), 8, 0, 0, 2, prefetch=0)
+    rows = np.concatenate([b["tokens"] for b in stream])
     first, second = rows[:8], rows[8:]
     key = lambda r: [tuple(x) for x in r]
     assert sorted(key(first)) == sorted(key(second))  # each epoch sees every window once
@@ -107,7 +110,8 @@ def test_loader_mixes_sources_by_exact_share(tokenizer, tmp_path):
     sources = [Windows(a, 16, 0, (len(a) - 1) // 16), Windows(b, 16, 0, (len(b) - 1) // 16)]
     a_set, b_set = set(np.asarray(a.tokens).tolist()), set(np.asarray(b.tokens).tolist())
     rows = np.concatenate([x["tokens"] for x in
-                           batches(sources, [0.75, 0.25], 8, 0, 0, 100, prefetch=0, block=100)])
+                           batches(sources, BlockMixer([0.75, 0.25], 0, block=100), 8, 0, 0, 100,
+                                   prefetch=0)])
     from_b = [bool(set(r.tolist()) & (b_set - a_set)) for r in rows]
     assert all(fb or set(r.tolist()) <= a_set for r, fb in zip(rows, from_b))
     assert len(rows) == 800 and sum(from_b) == 200  # exactly 25% of windows, hence of tokens

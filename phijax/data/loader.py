@@ -2,8 +2,8 @@
 
 Window i covers tokens [i*S, i*S + S + 1): inputs are its first S tokens, targets the last S.
 Segment ids and positions come from the store's document offsets, so attention can stop at
-document boundaries. Sources are mixed by `BlockMixer`. The batch for a step is a pure function of (seed, step), so the data state
-to checkpoint is just the step.
+document boundaries. Sources are mixed by `BlockMixer`. The batch for a step is a pure function
+of (seed, step), so the data state to checkpoint is just the step.
 """
 from __future__ import annotations
 
@@ -54,17 +54,16 @@ def split_windows(store: TokenStore, seq_len: int, eval_fraction: float) -> dict
     return {"train": (0, n - n_eval), "eval": (n - n_eval, n)}
 
 
-def batches(sources: list[Windows], shares: list[float], batch_size: int, seed: int,
+def batches(sources: list[Windows], mixer: BlockMixer, batch_size: int, seed: int,
             start_step: int, stop_step: int, process_index: int = 0, process_count: int = 1,
-            threads: int = 2, prefetch: int = 2, block: int = 1000):
+            threads: int = 2, prefetch: int = 2):
     """Iterator over this process's rows of the global batches for steps [start, stop).
 
-    Each source is reshuffled every epoch; the block mixer (phijax.data.mixture) interleaves them
-    in exactly the configured shares of windows, hence of tokens.
+    Each source is reshuffled every epoch (from `seed`); `mixer` interleaves them in exactly the
+    configured shares of windows, hence of tokens.
     """
     streams = [grain.MapDataset.source(s).shuffle(seed=seed + i).repeat(None)
                for i, s in enumerate(sources)]
-    mixer = BlockMixer(shares, seed, block)
     local = batch_size // process_count
     first_row = process_index * local
 

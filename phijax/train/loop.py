@@ -76,14 +76,15 @@ def _data(cfg: Config, prepared, start: int):
     ranges = [split_windows(store, d.seq_len, d.eval_fraction) for store in stores]
     train = [Windows(st, d.seq_len, *r["train"], document_mask=d.document_mask)
              for st, r in zip(stores, ranges)]
-    it = batches(train, shares, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
+    mixer = BlockMixer(shares, d.seed)
+    it = batches(train, mixer, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
     evals = []
     if all(r["eval"][1] > r["eval"][0] for r in ranges):
         held = [Windows(st, d.seq_len, *r["eval"], document_mask=d.document_mask)
                 for st, r in zip(stores, ranges)]
-        evals = list(batches(held, shares, t.batch_size, d.seed, 0, t.eval_batches, pi, pc,
+        evals = list(batches(held, mixer, t.batch_size, d.seed, 0, t.eval_batches, pi, pc,
                              prefetch=0))
-    mixer, sizes = BlockMixer(shares, d.seed), np.array([len(w) for w in train])
+    sizes = np.array([len(w) for w in train])
 
     def epochs_at(step: int) -> dict:
         seen = mixer.consumed(step * t.batch_size) / sizes

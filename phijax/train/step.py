@@ -27,11 +27,11 @@ def token_losses(graphdef, params, batch, z_loss: float):
     model = nnx.merge(graphdef, params)
     h = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     h = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
-    w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
-    logz = jax.nn.logsumexp(jnp.dot(h, w_out, preferred_element_type=jnp.float32), axis=-1)
+    logz = jax.nn.logsumexp(model.logits(h), axis=-1)
     # The target logit straight from h and the target's output column: O(tokens * hidden),
     # where picking it out of the logits would add full (tokens, vocab) passes to both directions.
     targets = batch["targets"].reshape(-1)
+    w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
     target_logit = jnp.einsum("te,et->t", h, jnp.take(w_out, targets, axis=1),
                               preferred_element_type=jnp.float32)
     w = batch["loss_weights"].reshape(-1)
