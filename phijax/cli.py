@@ -47,22 +47,30 @@ def _tokenizer_train(args) -> int:
     from phijax.data.tokenizer import train_tokenizer
 
     check_specs(args.inputs)
-    path = train_tokenizer(documents(args.inputs, args.text_field), args.out, args.vocab_size)
+    path = train_tokenizer(documents(args.inputs, args.text_field, glob=args.glob), args.out,
+                           args.vocab_size, args.multiple)
     print(path)
     return 0
 
 
 def _data_tokenize(args) -> int:
-    from phijax.data.corpus import Skipped, check_specs, documents
-    from phijax.data.store import build_store
+    from phijax.data.corpus import check_specs
+    from phijax.data.store import TokenStore, build_store
     from phijax.data.tokenizer import Tokenizer
 
     check_specs(args.inputs)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be at least 1")
     tokenizer = Tokenizer(args.tokenizer)
-    skipped = Skipped()
-    out = build_store(documents(args.inputs, args.text_field, skipped), tokenizer, args.out, skipped)
-    print(out)
-    for example in skipped.examples:
+    store = TokenStore(build_store(args.inputs, tokenizer, args.out, args.text_field, args.glob,
+                                   args.workers))
+    m = store.manifest
+    print(f"{store.path}: {m['documents']:,} documents ({m['chat_documents']:,} chats), "
+          f"{m['tokens']:,} tokens")
+    if m["skipped"]:
+        print(f"skipped {sum(m['skipped'].values())} records: " + ", ".join(
+            f"{reason} {n}" for reason, n in m["skipped"].items()), file=sys.stderr)
+    for example in m["skipped_examples"]:
         print(f"skipped {example}", file=sys.stderr)
     return 0
 
@@ -98,15 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = tok.add_parser("train", help="train a sentencepiece BPE tokenizer")
     s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:python-docs")
     s.add_argument("--out", required=True, help="output prefix; writes OUT.model")
-    s.add_argument("--vocab-size", type=int, default=32000)
+    s.add_argument("--vocab-size", type=int, default=32000, help="pieces to train")
+    s.add_argument("--multiple", type=int, default=128,
+                   help="pad the vocabulary with unused pieces to a multiple of this")
     s.add_argument("--text-field", default="text")
+    s.add_argument("--glob", help="files of an input directory to read, e.g. '**/*.py'")
     s.set_defaults(fn=_tokenizer_train)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
-    s = data.add_parser("tokenize", help="tokenize a corpus into a token store")
-    s.add_argument("inputs", nargs="+")
-    s.add_argument("--tokenizer", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--text-field", default="text")
+    s = data.add_parser("tokenize", help="tokenize a corpus into a token store (resumable)")
+    s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:...")
+    s.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    s.add_argument("--out", required=True, help="store directory")
+    s.add_argument("--text-field", default="text", help="JSONL text field (else `messages`)")
+    s.add_argument("--glob", help="files of an input directory to read, e.g. '**/*.py'")
+    s.add_argument("--workers", type=int, help="processes (default: every core)")
     s.set_defaults(fn=_data_tokenize)
     s = data.add_parser("report", help="plan a mixture: tokens seen and epochs per source")
     s.add_argument("mixture", help="mixture YAML, e.g. configs/mixtures/phi-4.yaml")

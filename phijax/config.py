@@ -78,9 +78,11 @@ class DataConfig:
     text_field: str = "text"
     tokenizer: Optional[str] = None  # sentencepiece .model; trained from corpus when unset
     tokenizer_vocab_size: int = 512
+    tokenizer_multiple: int = 128  # pad the trained vocabulary to a multiple of this
     cache_dir: str = "~/.cache/phijax"
     seq_len: int = 64
     document_mask: bool = True
+    packing: str = "windows"  # windows: fixed cuts of the token stream; documents: whole (SFT)
     eval_fraction: float = 0.02
     seed: int = 0
     prefetch: int = 2
@@ -128,6 +130,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("xla", "cudnn"),
     "run.distributed": ("auto", "on", "off"),
+    "data.packing": ("windows", "documents"),
 }
 
 
@@ -250,7 +253,7 @@ def validate(cfg: Config, device_count: Optional[int] = None) -> None:
                   "rope_theta", "rms_norm_eps"],
         "mesh": ["data", "fsdp", "tensor"],
         "train": ["steps", "batch_size", "microbatches", "log_every", "eval_every"],
-        "data": ["seq_len", "tokenizer_vocab_size"],
+        "data": ["seq_len", "tokenizer_vocab_size", "tokenizer_multiple"],
         "checkpoint": ["every", "keep"],
         "optimizer": ["learning_rate", "eps"],
     }

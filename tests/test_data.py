@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from phijax.data.corpus import Skipped, documents
-from phijax.data.loader import Windows, batches, split_windows
+from phijax.data.loader import PackedDocuments, Windows, batches, split_windows
 from phijax.data.mixture import BlockMixer
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import SPECIALS, Tokenizer, padded_vocab_size, train_tokenizer
@@ -19,21 +19,47 @@ def tokenizer(tmp_path_factory):
     return Tokenizer(path)
 
 
-def test_tokenizer_has_specials_and_byte_fallback(tokenizer):
-    assert tokenizer.vocab_size == 600
+def make_store(tokenizer, path, docs, **kwargs) -> TokenStore:
+    """A store from in-memory documents (strings, or message lists for chats)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus = path.with_suffix(".jsonl")
+    corpus.write_text("".join(json.dumps({"text": d} if isinstance(d, str) else {"messages": d})
+                              + "\n" for d in docs))
+    return TokenStore(build_store([str(corpus)], tokenizer, path, workers=1, **kwargs))
+
+
+def test_tokenizer_has_specials_byte_fallback_and_a_padded_vocabulary(tokenizer):
+    assert tokenizer.vocab_size == 640  # 600 trained pieces, padded to a multiple of 128
+    assert tokenizer.sp.id_to_piece(639) == "<|dummy_39|>" and tokenizer.sp.is_unused(639)
     for special in SPECIALS:
-        assert tokenizer.encode([special])[0][-1] == tokenizer.sp.piece_to_id(special)
+        assert tokenizer.encode([special])[0] == [tokenizer.sp.piece_to_id(special)]
     text = "déjà vu 🙂 <|im_start|>user<|im_sep|>hi<|im_end|>"
-    assert tokenizer.decode(tokenizer.encode([text])[0]) == text
+    ids = tokenizer.encode([text])[0]
+    assert tokenizer.decode(ids) == text and max(ids) < 600
     assert padded_vocab_size(100_261) == 100_352 and padded_vocab_size(600) == 640
+
+
+def test_chat_template_masks_assistant_tokens_only(tokenizer):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4, déjà."}, {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6"}]
+    ids, mask = tokenizer.encode_chat(chat)
+    text = ("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>2+2?"
+            "<|im_end|><|im_start|>assistant<|im_sep|>4, déjà.<|im_end|><|im_start|>user"
+            "<|im_sep|>And 3+3?<|im_end|><|im_start|>assistant<|im_sep|>6<|im_end|>")
+    assert ids == tokenizer.encode([text])[0]  # the same ids as encoding the text at inference
+    trained = [tokenizer.decode([i for i, m in zip(ids, mask) if m])]
+    assert trained == ["4, déjà.<|im_end|>6<|im_end|>"]
 
 
 def test_store_and_windows(tokenizer, tmp_path):
     docs = ["alpha beta gamma " * 5, "one two three", "x = 1\nprint(x)\n" * 3]
-    store = TokenStore(build_store(docs, tokenizer, tmp_path / "store"))
-    assert store.manifest["documents"] == 3
+    store = make_store(tokenizer, tmp_path / "store", docs)
+    assert store.manifest["documents"] == 3 and store.manifest["chat_documents"] == 0
     assert len(store) == store.offsets[-1] == store.manifest["tokens"]
-    assert all(store.tokens[o - 1] == tokenizer.eos_id for o in store.offsets[1:])
+    tokens = store.read(0, len(store))
+    assert all(tokens[o - 1] == tokenizer.eos_id for o in store.offsets[1:])
+    assert tokenizer.decode(tokens[:store.offsets[1] - 1].tolist()) == docs[0]
     seq = 16
     source = Windows(store, seq, 0, (len(store) - 1) // seq)
     for i in range(len(source)):
@@ -47,7 +73,7 @@ def test_store_and_windows(tokenizer, tmp_path):
 
 
 def test_batches_are_a_function_of_seed_and_step(tokenizer, tmp_path):
-    store = TokenStore(build_store(documents(["builtin:python-docs"]), tokenizer, tmp_path / "s"))
+    store = TokenStore(build_store(["builtin:python-docs"], tokenizer, tmp_path / "s", workers=1))
     ranges = split_windows(store, 32, 0.1)
     source = Windows(store, 32, *ranges["train"])
     full = list(batches([source], BlockMixer([1.0], 1), 4, seed=1, start_step=0, stop_step=6))
@@ -66,7 +92,7 @@ def test_batches_are_a_function_of_seed_and_step(tokenizer, tmp_path):
 
 
 def test_epochs_reshuffle(tokenizer, tmp_path):
-    store = TokenStore(build_store(["word " * 200], tokenizer, tmp_path / "s"))
+    store = make_store(tokenizer, tmp_path / "s", ["word " * 200])
     source = Windows(store, 8, 0, 8)
     stream = batches([source], BlockMixer([1.0], 0), 8, 0, 0, 2, prefetch=0)
     rows = np.concatenate([b["tokens"] for b in stream])
@@ -105,10 +131,10 @@ def test_cli_tokenizer_and_tokenize(tmp_path):
 
 
 def test_loader_mixes_sources_by_exact_share(tokenizer, tmp_path):
-    a = TokenStore(build_store(["alpha beta gamma delta " * 40] * 20, tokenizer, tmp_path / "a"))
-    b = TokenStore(build_store(["x = 1\nprint(x)\n" * 40] * 20, tokenizer, tmp_path / "b"))
+    a = make_store(tokenizer, tmp_path / "a", ["alpha beta gamma delta " * 40] * 20)
+    b = make_store(tokenizer, tmp_path / "b", ["x = 1\nprint(x)\n" * 40] * 20)
     sources = [Windows(a, 16, 0, (len(a) - 1) // 16), Windows(b, 16, 0, (len(b) - 1) // 16)]
-    a_set, b_set = set(np.asarray(a.tokens).tolist()), set(np.asarray(b.tokens).tolist())
+    a_set, b_set = set(a.read(0, len(a)).tolist()), set(b.read(0, len(b)).tolist())
     rows = np.concatenate([x["tokens"] for x in
                            batches(sources, BlockMixer([0.75, 0.25], 0, block=100), 8, 0, 0, 100,
                                    prefetch=0)])

@@ -24,6 +24,7 @@ class SourceConfig:
     name: str = ""
     share: float = 0.0
     corpus: list[str] = field(default_factory=list)  # specs to build a store from (cached)
+    glob: Optional[str] = None  # which files of a corpus directory to read, e.g. "**/*.py"
     store: Optional[str] = None  # or an existing token store directory
     unique_tokens: Optional[float] = None  # for planning without a store (e.g. the paper's counts)
 

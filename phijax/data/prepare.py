@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 from phijax.config import DataConfig
-from phijax.data.corpus import Skipped, check_specs, documents
+from phijax.data.corpus import check_specs, documents
 from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger("phijax")
+TOKENIZER_VERSION = 2  # bump when training settings change, so caches retrain
 
 
 def _key(*parts) -> str:
@@ -40,21 +41,23 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
     else:
         if not corpus:
             raise ValueError("data.tokenizer is unset and no source has a corpus to train one on")
-        path = cache / "tokenizers" / f"sp-{_key(corpus, cfg.text_field, cfg.tokenizer_vocab_size)}"
+        key = _key(TOKENIZER_VERSION, corpus, cfg.text_field, cfg.tokenizer_vocab_size,
+                   cfg.tokenizer_multiple)
+        path = cache / "tokenizers" / f"sp-{key}"
         if not path.with_suffix(".model").is_file():
             log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, corpus)
-            train_tokenizer(documents(corpus, cfg.text_field), path, cfg.tokenizer_vocab_size)
+            train_tokenizer(documents(corpus, cfg.text_field), path, cfg.tokenizer_vocab_size,
+                            cfg.tokenizer_multiple)
         tokenizer = Tokenizer(path.with_suffix(".model"))
-    stores = [TokenStore(s.store) if s.store else _cached_store(s.corpus, cfg, tokenizer, cache)
+    stores = [TokenStore(s.store) if s.store else _cached_store(s, cfg, tokenizer, cache)
               for s in mixture.sources]
     return tokenizer, mixture, stores
 
 
-def _cached_store(corpus: list[str], cfg: DataConfig, tokenizer: Tokenizer, cache: Path):
-    path = cache / "stores" / f"store-{_key(corpus, cfg.text_field, tokenizer.hash)}"
-    if not (path / "manifest.json").is_file():
-        skipped = Skipped()
-        build_store(documents(corpus, cfg.text_field, skipped), tokenizer, path, skipped)
-        if skipped.counts:
-            log.warning("skipped records %s, e.g. %s", skipped.counts, "; ".join(skipped.examples))
-    return TokenStore(path)
+def _cached_store(source: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer, cache: Path):
+    path = cache / "stores" / f"store-{_key(source.corpus, source.glob, cfg.text_field, tokenizer.hash)}"
+    store = TokenStore(build_store(source.corpus, tokenizer, path, cfg.text_field, source.glob))
+    if store.manifest["skipped"]:
+        log.warning("source %s: skipped records %s, e.g. %s", source.name,
+                    store.manifest["skipped"], "; ".join(store.manifest["skipped_examples"]))
+    return store

@@ -1,72 +1,248 @@
-"""Token stores: one flat token array plus document offsets, and a manifest.
+"""Token stores: TensorStore arrays of token ids and document offsets, plus a manifest.
 
-A store directory holds tokens.npy (uint32), offsets.npy (int64, document starts plus the end)
-and manifest.json. It is written to a temporary directory and renamed into place, so a crash
-never leaves a half-written store behind.
+A store directory holds
+  tokens/         zarr3 uint32 [tokens]      every document's ids, each ending in <|endoftext|>
+  offsets/        zarr3 int64  [documents+1] document starts, then the end
+  loss_mask/      zarr3 uint8  [tokens]      only when the store holds chats: 1 on assistant tokens
+  metadata.jsonl  one line per document ({"path": ...} for files of a tree), when any has some
+  manifest.json   documents, tokens, tokenizer hash, skipped records by reason and examples
+
+`build_store` tokenizes shards (see corpus.py) in worker processes on every core. Each finished
+shard is kept as a part file under OUT.partial/parts, written atomically, so a rerun after a crash
+or a kill tokenizes only the shards that were not done. The arrays are then assembled in shard
+order (the store does not depend on how many workers ran) and renamed into place; an existing
+store is replaced only once the new one is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import multiprocessing
+import os
 import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
+import tensorstore as ts
 from tqdm import tqdm
 
-from phijax.data.corpus import Skipped
+from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
 from phijax.data.tokenizer import Tokenizer
 
+log = logging.getLogger("phijax")
+FORMAT = "phijax-store-1"
+SHARD = 1 << 22  # elements per zarr shard (one file)
+CHUNK = 1 << 14  # elements per inner chunk (the unit a read fetches)
 
-def build_store(docs: Iterable[str], tokenizer: Tokenizer, out: str | Path,
-                skipped: Skipped | None = None, chunk: int = 256) -> Path:
-    """Tokenize `docs` (each followed by <|endoftext|>) into a store at `out`."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pieces, lengths, batch = [], [], []
-    bar = tqdm(desc=f"tokenize {out.name}", unit=" docs", mininterval=2.0)
 
-    def flush():
-        for ids in tokenizer.encode(batch):
-            ids.append(tokenizer.eos_id)
-            pieces.append(np.asarray(ids, np.uint32))
-            lengths.append(len(ids))
-        bar.update(len(batch))
-        batch.clear()
+def _array_spec(path: Path, dtype: str | None = None, size: int | None = None) -> dict:
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    if size is not None:
+        bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}}
+        spec["metadata"] = {
+            "shape": [size], "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [SHARD]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [CHUNK], "codecs": [bytes_codec],
+                "index_codecs": [bytes_codec, {"name": "crc32c"}]}}]}
+    return spec
 
+
+class _Column:
+    """Appends to a new 1-D array, writing whole zarr shards at a time."""
+
+    def __init__(self, path: Path, dtype: str, size: int):
+        self.array = ts.open(_array_spec(path, dtype, size), create=True).result()
+        self.buffer, self.pos, self.dtype = [], 0, np.dtype(dtype)
+
+    def append(self, values: np.ndarray, final: bool = False) -> None:
+        self.buffer.append(np.asarray(values, self.dtype))
+        pending = sum(b.size for b in self.buffer)
+        if pending >= SHARD or final:
+            data = np.concatenate(self.buffer)
+            cut = data.size if final else data.size - data.size % SHARD
+            if cut:
+                self.array[self.pos:self.pos + cut].write(data[:cut]).result()
+            self.buffer, self.pos = [data[cut:]], self.pos + cut
+
+
+_worker_tokenizers: dict = {}
+
+
+def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: str) -> dict:
+    """Tokenize one shard into PART.npz (+ PART.json, written last: the shard is done)."""
+    tokenizer = _worker_tokenizers.get(tokenizer_path)
+    if tokenizer is None:
+        tokenizer = _worker_tokenizers[tokenizer_path] = Tokenizer(tokenizer_path)
+    skipped = Skipped()
+    docs = list(read_shard(shard, text_field, skipped))
+    texts = [d.text for d in docs if d.messages is None]
+    encoded = iter(tokenizer.encode(texts) if texts else [])
+    ids, masks, paths, chats = [], [], [], 0
     for doc in docs:
-        batch.append(doc)
-        if len(batch) == chunk:
-            flush()
-    flush()
+        if doc.messages is None:
+            d = next(encoded)
+            mask = np.ones(len(d) + 1, np.uint8)
+        else:
+            d, mask = tokenizer.encode_chat(doc.messages)
+            mask = np.append(mask, np.uint8(0))  # no loss on the closing <|endoftext|>
+            chats += 1
+        ids.append(np.append(np.asarray(d, np.uint32), np.uint32(tokenizer.eos_id)))
+        masks.append(mask)
+        paths.append(doc.path)
+    lengths = np.array([len(x) for x in ids], np.int64)
+    with open(part + ".npz.tmp", "wb") as f:
+        np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.uint32),
+                 lengths=lengths, mask=np.concatenate(masks) if masks else np.zeros(0, np.uint8))
+    os.replace(part + ".npz.tmp", part + ".npz")
+    summary = {"documents": len(docs), "tokens": int(lengths.sum()), "chats": chats,
+               "skipped": {"counts": skipped.counts, "examples": skipped.examples},
+               "paths": paths if any(p is not None for p in paths) else None}
+    Path(part + ".json.tmp").write_text(json.dumps(summary))
+    os.replace(part + ".json.tmp", part + ".json")
+    return summary
+
+
+def _plan_key(shards: list[Shard], tokenizer: Tokenizer, text_field: str) -> str:
+    stamp = []
+    for s in shards:
+        stamp.append(s.to_dict())
+        stamp.append([(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in s.paths])
+    blob = json.dumps([FORMAT, tokenizer.hash, text_field, stamp], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_field: str = "text",
+                glob: str | None = None, workers: int | None = None,
+                shard_bytes: int = 4 << 20) -> Path:
+    """Tokenize `specs` into a store at `out`, resuming from the shards a killed run finished."""
+    out = Path(out)
+    shards = plan_shards(specs, glob, shard_bytes)
+    if not shards:
+        raise ValueError(f"store {out}: {' '.join(specs)} holds no documents")
+    key = _plan_key(shards, tokenizer, text_field)
+    if (out / "manifest.json").is_file() and \
+            json.loads((out / "manifest.json").read_text()).get("plan") == key:
+        log.info("store %s is up to date", out)
+        return out
+    work = out.with_name(out.name + ".partial")
+    parts = work / "parts"
+    if not (work / "plan.json").is_file() or json.loads((work / "plan.json").read_text()) != key:
+        shutil.rmtree(work, ignore_errors=True)
+        parts.mkdir(parents=True)
+        (work / "plan.json").write_text(json.dumps(key))
+    done = {i for i in range(len(shards)) if (parts / f"{i:06d}.json").is_file()}
+    todo = [i for i in range(len(shards)) if i not in done]
+    if done:
+        log.info("store %s: resuming, %d of %d shards already tokenized", out, len(done),
+                 len(shards))
+    workers = max(1, min(workers or default_workers(), len(todo)))
+    bar = tqdm(total=sum(s.size for s in shards), initial=sum(shards[i].size for i in done),
+               unit="B", unit_scale=True, desc=f"tokenize {out.name}", mininterval=2.0)
+    tokens, t0 = 0, time.perf_counter()
+
+    def finished(i: int, summary: dict) -> None:
+        nonlocal tokens
+        tokens += summary["tokens"]
+        bar.update(shards[i].size)
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+
+    args = lambda i: (shards[i], str(tokenizer.path), text_field, str(parts / f"{i:06d}"))
+    if workers == 1:
+        for i in todo:
+            finished(i, _tokenize_shard(*args(i)))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            futures = {pool.submit(_tokenize_shard, *args(i)): i for i in todo}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
     bar.close()
-    if not pieces:
+    return _assemble(work, out, len(shards), tokenizer, key)
+
+
+def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> Path:
+    summaries = [json.loads((work / "parts" / f"{i:06d}.json").read_text()) for i in range(n)]
+    documents = sum(s["documents"] for s in summaries)
+    total = sum(s["tokens"] for s in summaries)
+    chats = sum(s["chats"] for s in summaries)
+    if not documents:
         raise ValueError(f"store {out}: the corpus produced no documents")
-    tokens = np.concatenate(pieces)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    np.save(tmp / "tokens.npy", tokens)
-    np.save(tmp / "offsets.npy", offsets)
-    manifest = {"documents": len(lengths), "tokens": int(tokens.size),
-                "tokenizer": str(tokenizer.path), "tokenizer_hash": tokenizer.hash,
-                "skipped": (skipped.counts if skipped else {}),
-                "skipped_examples": (skipped.examples if skipped else [])}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    skipped = Skipped()
+    for s in summaries:
+        skipped.merge(s["skipped"])
+    new = work / "store"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    columns = {"tokens": _Column(new / "tokens", "uint32", total)}
+    if chats:
+        columns["mask"] = _Column(new / "loss_mask", "uint8", total)
+    lengths = []
+    for i in range(n):
+        with np.load(work / "parts" / f"{i:06d}.npz") as part:
+            columns["tokens"].append(part["tokens"])
+            if chats:
+                columns["mask"].append(part["mask"])
+            lengths.append(part["lengths"])
+    for column in columns.values():
+        column.append(np.zeros(0), final=True)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    _Column(new / "offsets", "int64", offsets.size).append(offsets, final=True)
+    if any(s["paths"] for s in summaries):
+        with open(new / "metadata.jsonl", "w") as f:
+            for s in summaries:
+                for p in s["paths"] or [None] * s["documents"]:
+                    f.write(json.dumps({"path": p} if p is not None else {}) + "\n")
+    manifest = {"format": FORMAT, "documents": documents, "tokens": total,
+                "chat_documents": chats, "tokenizer": str(tokenizer.path),
+                "tokenizer_hash": tokenizer.hash, "skipped": skipped.counts,
+                "skipped_examples": skipped.examples, "plan": key}
+    (new / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 
+_context = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+
+
 class TokenStore:
+    """Read access to a store: `read` token ranges, `offsets` in memory."""
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not (path / "manifest.json").is_file():
             raise ValueError(f"token store {path} has no manifest.json")
         self.path = path
         self.manifest = json.loads((path / "manifest.json").read_text())
-        self.tokens = np.load(path / "tokens.npy", mmap_mode="r")
-        self.offsets = np.load(path / "offsets.npy")
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"token store {path} is not a {FORMAT} store; rebuild it with "
+                             f"`phijax data tokenize`")
+        self.tokens = ts.open(_array_spec(path / "tokens"), context=_context).result()
+        self.offsets = ts.open(_array_spec(path / "offsets")).result().read().result()
+        self.loss_mask = (ts.open(_array_spec(path / "loss_mask"), context=_context).result()
+                          if self.manifest["chat_documents"] else None)
 
     def __len__(self) -> int:
-        return int(self.tokens.size)
+        return int(self.manifest["tokens"])
+
+    @property
+    def documents(self) -> int:
+        return int(self.manifest["documents"])
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        return self.tokens[begin:end].read().result().astype(np.int32)
+
+    def read_mask(self, begin: int, end: int) -> np.ndarray | None:
+        return None if self.loss_mask is None else self.loss_mask[begin:end].read().result()

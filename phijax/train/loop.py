@@ -14,7 +14,8 @@ import yaml
 from jax.experimental import multihost_utils
 
 from phijax.config import Config, ConfigError, to_dict, validate
-from phijax.data.loader import Windows, batches, split_windows, synthetic_batches
+from phijax.data.loader import (PackedDocuments, Windows, batches, split_documents, split_windows,
+                                synthetic_batches)
 from phijax.data.mixture import BlockMixer
 from phijax.sharding import make_mesh
 from phijax.train.checkpoint import Checkpointer
@@ -71,17 +72,24 @@ def _data(cfg: Config, prepared, start: int):
     if d.synthetic:
         return (synthetic_batches(cfg.model.vocab_size, t.batch_size // pc, d.seq_len,
                                   d.seed + pi, start, t.steps), [], lambda step: {})
-    _, mixture, stores = prepared
+    tokenizer, mixture, stores = prepared
     shares = [s.share for s in mixture.sources]
-    ranges = [split_windows(store, d.seq_len, d.eval_fraction) for store in stores]
-    train = [Windows(st, d.seq_len, *r["train"], document_mask=d.document_mask)
-             for st, r in zip(stores, ranges)]
+    if d.packing == "documents":
+        ranges = [split_documents(store, d.eval_fraction) for store in stores]
+        make = lambda st, r: PackedDocuments(st, d.seq_len, *r, pad_id=tokenizer.pad_id)
+    else:
+        ranges = [split_windows(store, d.seq_len, d.eval_fraction) for store in stores]
+        make = lambda st, r: Windows(st, d.seq_len, *r, document_mask=d.document_mask)
+    train = [make(st, r["train"]) for st, r in zip(stores, ranges)]
+    for source, rows in zip(mixture.sources, train):
+        if getattr(rows, "truncated", 0):
+            log.warning("source %s: %d documents are longer than data.seq_len + 1 and are cut",
+                        source.name, rows.truncated)
     mixer = BlockMixer(shares, d.seed)
     it = batches(train, mixer, t.batch_size, d.seed, start, t.steps, pi, pc, prefetch=d.prefetch)
     evals = []
     if all(r["eval"][1] > r["eval"][0] for r in ranges):
-        held = [Windows(st, d.seq_len, *r["eval"], document_mask=d.document_mask)
-                for st, r in zip(stores, ranges)]
+        held = [make(st, r["eval"]) for st, r in zip(stores, ranges)]
         evals = list(batches(held, mixer, t.batch_size, d.seed, 0, t.eval_batches, pi, pc,
                              prefetch=0))
     sizes = np.array([len(w) for w in train])
