@@ -111,10 +111,24 @@ def _file_shards(files: list[Path], root: Path, shard_bytes: int) -> list[Shard]
     return shards
 
 
+def _files(path: Path, glob: str | None) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob(glob or "**/*") if p.is_file())
+    return [path]
+
+
+def default_shard_bytes(specs: list[str], glob: str | None) -> int:
+    """About 64 shards per corpus (so the last ones keep every worker busy), 256 KB to 64 MB."""
+    total = sum(f.stat().st_size for s in specs if not s.startswith("builtin:")
+                for f in _files(Path(s), glob))
+    return int(min(max(total // 64, 256 << 10), 64 << 20))
+
+
 def plan_shards(specs: list[str], glob: str | None = None,
-                shard_bytes: int = 4 << 20) -> list[Shard]:
+                shard_bytes: int | None = None) -> list[Shard]:
     """The shards of `specs`, in a fixed order (so a rerun plans the same shards)."""
     check_specs(specs)
+    shard_bytes = shard_bytes or default_shard_bytes(specs, glob)
     shards = []
     for spec in specs:
         if spec == "builtin:python-docs":
@@ -130,11 +144,7 @@ def plan_shards(specs: list[str], glob: str | None = None,
             shards += _file_shards(sorted(root.glob(glob or "*.py")), root, shard_bytes)
             continue
         path = Path(spec)
-        if path.is_dir():
-            files = sorted(p for p in path.glob(glob or "**/*") if p.is_file())
-            root = path
-        else:
-            files, root = [path], path.parent
+        files, root = _files(path, glob), (path if path.is_dir() else path.parent)
         shards += [s for f in files if f.suffix == ".jsonl" for s in _jsonl_shards(f, shard_bytes)]
         shards += _file_shards([f for f in files if f.suffix != ".jsonl"], root, shard_bytes)
     return shards

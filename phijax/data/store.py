@@ -81,22 +81,24 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
     docs = list(read_shard(shard, text_field, skipped))
     texts = [d.text for d in docs if d.messages is None]
     encoded = iter(tokenizer.encode(texts) if texts else [])
-    ids, masks, paths, chats = [], [], [], 0
-    for doc in docs:
+    flat, lengths, masks, paths, chats = [], [], {}, [], 0
+    for k, doc in enumerate(docs):
         if doc.messages is None:
-            d = next(encoded)
-            mask = np.ones(len(d) + 1, np.uint8)
+            ids = next(encoded)
         else:
-            d, mask = tokenizer.encode_chat(doc.messages)
-            mask = np.append(mask, np.uint8(0))  # no loss on the closing <|endoftext|>
+            ids, mask = tokenizer.encode_chat(doc.messages)
+            masks[k] = np.append(mask, np.uint8(0))  # no loss on the closing <|endoftext|>
             chats += 1
-        ids.append(np.append(np.asarray(d, np.uint32), np.uint32(tokenizer.eos_id)))
-        masks.append(mask)
+        flat += ids
+        flat.append(tokenizer.eos_id)
+        lengths.append(len(ids) + 1)
         paths.append(doc.path)
-    lengths = np.array([len(x) for x in ids], np.int64)
+    lengths = np.array(lengths, np.int64)
+    mask = np.zeros(0, np.uint8)
+    if chats:  # text documents in a store with chats train on every token
+        mask = np.concatenate([masks.get(k, np.ones(n, np.uint8)) for k, n in enumerate(lengths)])
     with open(part + ".npz.tmp", "wb") as f:
-        np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.uint32),
-                 lengths=lengths, mask=np.concatenate(masks) if masks else np.zeros(0, np.uint8))
+        np.savez(f, tokens=np.array(flat, np.uint32), lengths=lengths, mask=mask)
     os.replace(part + ".npz.tmp", part + ".npz")
     summary = {"documents": len(docs), "tokens": int(lengths.sum()), "chats": chats,
                "skipped": {"counts": skipped.counts, "examples": skipped.examples},
@@ -121,7 +123,7 @@ def default_workers() -> int:
 
 def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_field: str = "text",
                 glob: str | None = None, workers: int | None = None,
-                shard_bytes: int = 4 << 20) -> Path:
+                shard_bytes: int | None = None) -> Path:
     """Tokenize `specs` into a store at `out`, resuming from the shards a killed run finished."""
     out = Path(out)
     shards = plan_shards(specs, glob, shard_bytes)
@@ -159,7 +161,11 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
         for i in todo:
             finished(i, _tokenize_shard(*args(i)))
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        # forkserver, not fork: the caller may already run JAX's threads. Workers fork from a
+        # server that has imported this module once.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = {pool.submit(_tokenize_shard, *args(i)): i for i in todo}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
@@ -187,8 +193,9 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
     for i in range(n):
         with np.load(work / "parts" / f"{i:06d}.npz") as part:
             columns["tokens"].append(part["tokens"])
-            if chats:
-                columns["mask"].append(part["mask"])
+            if chats:  # a shard without chats trains on every token
+                columns["mask"].append(part["mask"] if part["mask"].size
+                                       else np.ones(part["tokens"].size, np.uint8))
             lengths.append(part["lengths"])
     for column in columns.values():
         column.append(np.zeros(0), final=True)
