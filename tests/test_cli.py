@@ -35,3 +35,24 @@ def test_main_job_trains_tiny_model_and_loss_falls(tmp_path, cache_dir):
     again = run_cli("train", ROOT / "configs" / "tiny.yaml", f"run.dir={run_dir}",
                     f"data.cache_dir={cache_dir}")
     assert "already complete at step 300" in again.stderr
+
+
+@pytest.mark.slow
+def test_train_on_chats_packs_whole_documents(tmp_path, cache_dir):
+    import json
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}) + "\n"
+        for a in range(30) for b in range(10)))
+    mixture = tmp_path / "sft.yaml"
+    mixture.write_text(f"sources:\n  - {{name: chats, share: 0.8, corpus: [{chats}]}}\n"
+                       f"  - {{name: docs, share: 0.2, corpus: [builtin:python-docs]}}\n")
+    run_dir = tmp_path / "sft"
+    out = run_cli("train", ROOT / "configs" / "tiny.yaml", f"run.dir={run_dir}",
+                  f"data.cache_dir={cache_dir}", f"data.mixture={mixture}",
+                  "data.packing=documents", "train.steps=30", "train.eval_every=30")
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["step"] == 30 and metrics[-1]["loss"] < 0.7 * metrics[0]["loss"]
+    assert "documents are longer than data.seq_len + 1 and are cut" in out.stderr  # python-docs
+    assert metrics[-1]["epochs/chats"] > 0

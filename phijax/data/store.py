@@ -80,8 +80,9 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
     skipped = Skipped()
     docs = list(read_shard(shard, text_field, skipped))
     texts = [d.text for d in docs if d.messages is None]
-    encoded = iter(tokenizer.encode(texts) if texts else [])
-    flat, lengths, masks, paths, chats = [], [], {}, [], 0
+    encoded = iter(tokenizer.encode_arrays(texts) if texts else [])
+    eos = np.array([tokenizer.eos_id], np.int32)
+    pieces, lengths, masks, paths, chats = [], [], {}, [], 0
     for k, doc in enumerate(docs):
         if doc.messages is None:
             ids = next(encoded)
@@ -89,16 +90,16 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
             ids, mask = tokenizer.encode_chat(doc.messages)
             masks[k] = np.append(mask, np.uint8(0))  # no loss on the closing <|endoftext|>
             chats += 1
-        flat += ids
-        flat.append(tokenizer.eos_id)
+        pieces += [np.asarray(ids, np.int32), eos]
         lengths.append(len(ids) + 1)
         paths.append(doc.path)
     lengths = np.array(lengths, np.int64)
+    tokens = np.concatenate(pieces).astype(np.uint32) if pieces else np.zeros(0, np.uint32)
     mask = np.zeros(0, np.uint8)
     if chats:  # text documents in a store with chats train on every token
         mask = np.concatenate([masks.get(k, np.ones(n, np.uint8)) for k, n in enumerate(lengths)])
     with open(part + ".npz.tmp", "wb") as f:
-        np.savez(f, tokens=np.array(flat, np.uint32), lengths=lengths, mask=mask)
+        np.savez(f, tokens=tokens, lengths=lengths, mask=mask)
     os.replace(part + ".npz.tmp", part + ".npz")
     summary = {"documents": len(docs), "tokens": int(lengths.sum()), "chats": chats,
                "skipped": {"counts": skipped.counts, "examples": skipped.examples},

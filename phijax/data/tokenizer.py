@@ -129,6 +129,10 @@ class Tokenizer:
     def encode(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads)
 
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Like `encode`, as int32 arrays straight from sentencepiece's buffers (no int lists)."""
+        return self.sp.encode(texts, return_type="numpy", num_threads=1)
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
