@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ def train(cfg: Config) -> dict:
     primary = jax.process_index() == 0
     if primary:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if prepared is not None:  # the run directory is then all that sampling and serving need
+            shutil.copyfile(prepared[0].path, run_dir / "tokenizer.model")
 
     mesh = make_mesh(cfg.mesh)
     trainer = build_trainer(cfg, mesh)
