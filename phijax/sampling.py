@@ -1,0 +1,289 @@
+"""Batched sampling: one prefill of every distinct prompt, then decoding with a static KV cache.
+
+`Sampler.generate` takes requests (token-id prompts, so a prefix is continued exactly as given),
+and returns, per request, its `n` samples with per-token log-probabilities and finish reasons.
+One compiled program does everything on the device:
+
+  prefill   the prompts, left-padded to a common length P, fill cache slots [0, P);
+  fan-out   each of the R sample rows takes its prompt's cache rows (`take`), so `n` samples of
+            one prompt share one prefill;
+  decode    a `while_loop` feeds each row's last token at slot P + t - 1 until every row has hit
+            a stop token or its max_new_tokens (static shapes: the cache has P + M slots).
+
+Row r's randomness is `fold_in(fold_in(key(seed), sample index), step)`: a sample does not
+depend on what else is in the batch, so fan-out and independent prefills give the same tokens,
+and a seeded request gives the same completion however the server batches it. Temperature 0 is
+greedy; top-k (0 = off) and top-p filter after temperature. Log-probabilities are the model's
+(temperature 1, unfiltered), which is what PTS and evaluation need.
+
+Shapes are bucketed (prompts to multiples of 32, new tokens to multiples of 32, rows to
+multiples of 8, prompts to powers of two) so a server compiles a handful of programs. On a mesh,
+rows are split over the data axes and heads over `tensor` by the parameters' shardings.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from phijax.config import ModelConfig
+from phijax.model import rope, rope_tables
+from phijax.sharding import RULES
+
+
+@dataclass
+class Request:
+    prompt: list[int]  # token ids to continue
+    n: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # new tokens; a stop token that ended the sample is the last one
+    logprobs: list[float]  # model log-probability of each new token
+    finish_reason: str  # "stop" | "length"
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def check_request(r: Request, max_len: int, vocab_size: int) -> str | None:
+    """Why `r` cannot be sampled, or None."""
+    if not r.prompt:
+        return "prompt is empty"
+    if min(r.prompt) < 0 or max(r.prompt) >= vocab_size:
+        return f"prompt has token ids outside [0, {vocab_size})"
+    if r.n < 1:
+        return f"n must be at least 1, got {r.n}"
+    if r.max_new_tokens < 1:
+        return f"max_new_tokens must be at least 1, got {r.max_new_tokens}"
+    if len(r.prompt) + r.max_new_tokens > max_len:
+        return (f"prompt of {len(r.prompt)} tokens + {r.max_new_tokens} new tokens exceeds the "
+                f"context length {max_len}")
+    if r.temperature < 0:
+        return f"temperature must be >= 0, got {r.temperature}"
+    if r.top_k < 0:
+        return f"top_k must be >= 0, got {r.top_k}"
+    if not 0 < r.top_p <= 1:
+        return f"top_p must be in (0, 1], got {r.top_p}"
+    return None
+
+
+# ------------------------------------------------------------------ the model, functionally
+
+def _norm(x, scale, eps):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
+    """One block on x (b, s, e) at cache slots [slot, slot + s); returns x and the cache."""
+    dt = x.dtype
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    h = _norm(x, w["attn_norm"]["scale"], cfg.rms_norm_eps)
+    qkv = jnp.einsum("bse,ekhd->bskhd", h, w["attn"]["qkv"].astype(dt))
+    q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
+    q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
+    q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, cache_k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, cache_v)
+    x = x + jnp.einsum("bskgd,kgde->bse", out, w["attn"]["o"].astype(dt))
+    h = _norm(x, w["mlp_norm"]["scale"], cfg.rms_norm_eps)
+    m = w["mlp"]
+    h = jax.nn.silu(h @ m["gate"].astype(dt)) * (h @ m["up"].astype(dt))
+    return x + h @ m["down"].astype(dt), cache_k, cache_v
+
+
+def _step(cfg, params, layers, tokens, positions, caches, slot, key_start):
+    """Run tokens (b, s) at slots [slot, slot + s): logits of the last position, caches."""
+    dt = jnp.dtype(cfg.dtype)
+    s, total = tokens.shape[1], caches[0][0].shape[1]
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
+    query_slot = slot + jnp.arange(s)
+    key_slot = jnp.arange(total)
+    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & \
+        (key_slot[None, None, :] >= key_start[:, None, None])
+    mask = mask[:, None, None]  # (b, 1, 1, s, total)
+    new = []
+    for w, (ck, cv) in zip(layers, caches):
+        x, ck, cv = _layer(cfg, w, x, rope_cs, ck, cv, slot, mask)
+        new.append((ck, cv))
+    h = _norm(x[:, -1], params["final_norm"]["scale"], cfg.rms_norm_eps)
+    out_w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.dot(h, out_w.astype(dt), preferred_element_type=jnp.float32)
+    return logits, new
+
+
+def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
+    """Next token per row and its model log-probability."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if filtering:
+        order = jnp.argsort(-scaled, axis=-1)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        rank = jnp.arange(logits.shape[-1])[None]
+        keep = ((top_k[:, None] == 0) | (rank < top_k[:, None])) & \
+            (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
+        ranked = jnp.where(keep, ranked, -jnp.inf)
+        pick = jax.vmap(jax.random.categorical)(keys, ranked)
+        sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+    token = jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, source,
+              row_keys, temperature, top_k, top_p, row_max_new, stop_ids):
+    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`."""
+    b, p = prompts.shape
+    rows = source.shape[0]
+    total = p + max_new
+    kv, d = cfg.num_key_value_heads, cfg.dim_per_head
+    dt = jnp.dtype(cfg.dtype)
+    caches = [(jnp.zeros((b, total, kv, d), dt), jnp.zeros((b, total, kv, d), dt))
+              for _ in layers]
+    positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
+    logits, caches = _step(cfg, params, layers, prompts, positions, caches, 0, pad)
+    # Fan-out: every sample row takes its prompt's cache and last logits.
+    caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
+    logits, pad, length = logits[source], pad[source], (p - pad)[source]
+    keys = lambda t: jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
+    stops = lambda tok: (tok[:, None] == stop_ids).any(axis=-1)
+    token, logprob = _choose(logits, keys(0), temperature, top_k, top_p, filtering)
+    out = jnp.zeros((rows, max_new), jnp.int32).at[:, 0].set(token)
+    out_lp = jnp.zeros((rows, max_new), jnp.float32).at[:, 0].set(logprob)
+    done = stops(token) | (row_max_new <= 1)
+    count = jnp.ones(rows, jnp.int32)
+
+    def cond(state):
+        t, _, _, _, _, done, _ = state
+        return (t < max_new) & ~done.all()
+
+    def body(state):
+        t, caches, token, out, out_lp, done, count = state
+        logits, caches = _step(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
+                               caches, p + t - 1, pad)
+        new, lp = _choose(logits, keys(t), temperature, top_k, top_p, filtering)
+        out = out.at[:, t].set(jnp.where(done, 0, new))
+        out_lp = out_lp.at[:, t].set(jnp.where(done, 0.0, lp))
+        count = count + (~done).astype(jnp.int32)
+        done = done | stops(new) | (t + 1 >= row_max_new)
+        return t + 1, caches, new, out, out_lp, done, count
+
+    state = (jnp.int32(1), caches, token, out, out_lp, done, count)
+    _, _, _, out, out_lp, _, count = jax.lax.while_loop(cond, body, state)
+    return out, out_lp, count
+
+
+class Sampler:
+    """Batched sampling from `params` (a pure dict, as training and `weights.load_params` give)."""
+
+    def __init__(self, cfg: ModelConfig, params, mesh: jax.sharding.Mesh | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.max_len = cfg.max_position_embeddings
+        self.params = {k: v for k, v in params.items() if k != "layers"}
+        # Per-layer weights (split once): decoding slices no stacked array per step.
+        self.layers = [jax.tree.map(lambda a: a[i], params["layers"])
+                       for i in range(cfg.num_hidden_layers)]
+        self.calls = 0
+
+    @functools.lru_cache(maxsize=32)
+    def _compiled(self, max_new: int, filtering: bool):
+        return jax.jit(functools.partial(_generate, self.cfg, max_new, filtering))
+
+    def generate(self, requests: list[Request], share_prefix: bool = True) -> list[list[Sample]]:
+        """Each request's `n` samples. `share_prefix=False` prefills every sample row on its
+        own (the same tokens, for comparison and benchmarks)."""
+        for i, r in enumerate(requests):
+            error = check_request(r, self.max_len, self.cfg.vocab_size)
+            if error:
+                raise ValueError(f"request {i}: {error}")
+        self.calls += 1
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+        n_rows = _bucket(len(rows), 8)
+        rows_padded = rows + [(0, 0)] * (n_rows - len(rows))
+        # The prompts to prefill, and which of them each sample row continues.
+        owners = list(range(len(requests))) if share_prefix else [i for i, _ in rows]
+        b = _pow2(len(owners))
+        p = _bucket(max(len(r.prompt) for r in requests), 32)
+        prompts = np.zeros((b, p), np.int32)
+        pad = np.full(b, p - 1, np.int32)  # unused prompt slots hold one token
+        for k, i in enumerate(owners):
+            prompts[k, p - len(requests[i].prompt):] = requests[i].prompt
+            pad[k] = p - len(requests[i].prompt)
+        source = np.array([i for i, _ in rows_padded] if share_prefix else
+                          list(range(len(rows))) + [0] * (n_rows - len(rows)), np.int32)
+        max_new = _bucket(max(r.max_new_tokens for r in requests), 32)
+        per_row = lambda f, dtype: np.array([f(requests[i]) for i, _ in rows_padded], dtype)
+        n_stops = max(1, max(len(r.stop_ids) for r in requests))
+        stop_ids = np.full((n_rows, n_stops), -1, np.int32)
+        for k, (i, _) in enumerate(rows_padded):
+            stop_ids[k, :len(requests[i].stop_ids)] = requests[i].stop_ids
+        row_keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
+            jax.random.key(requests[i].seed % 2**32), j))) for i, j in rows_padded])
+        row_max_new = per_row(lambda r: r.max_new_tokens, np.int32)
+        row_max_new[len(rows):] = 1  # padding rows stop at once
+        filtering = any(r.top_k > 0 or r.top_p < 1 for r in requests if r.temperature > 0)
+        args = (prompts, pad, source, jax.random.wrap_key_data(row_keys),
+                per_row(lambda r: r.temperature, np.float32), per_row(lambda r: r.top_k, np.int32),
+                per_row(lambda r: r.top_p, np.float32), row_max_new, stop_ids)
+        if self.mesh is not None:
+            rows_sh = NamedSharding(self.mesh, P(RULES["batch"]))
+            dp = math.prod(self.mesh.shape[a] for a in RULES["batch"])
+            args = tuple(jax.device_put(a, rows_sh) if a.shape[0] % dp == 0 else a for a in args)
+        out, out_lp, count = jax.device_get(
+            self._compiled(max_new, filtering)(self.params, self.layers, *args))
+        results: list[list[Sample]] = [[] for _ in requests]
+        for k, (i, _) in enumerate(rows):
+            n = int(count[k])
+            tokens = out[k, :n].tolist()
+            stopped = tokens[-1] in requests[i].stop_ids
+            results[i].append(Sample(tokens, out_lp[k, :n].tolist(),
+                                     "stop" if stopped else "length"))
+        return results
+
+
+def load_sampler(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
+    """(Sampler, Tokenizer) of a run directory's latest checkpoint, on `mesh` (default: the run's
+    mesh if this machine has its devices, else one device)."""
+    from phijax.config import MeshConfig
+    from phijax.data.tokenizer import Tokenizer
+    from phijax.sharding import make_mesh
+    from phijax.weights import load_config, load_params
+
+    run_dir = Path(run_dir)
+    if mesh is None:
+        shape = load_config(run_dir).mesh
+        mesh = make_mesh(shape) if math.prod(shape.shape) == jax.device_count() else \
+            make_mesh(MeshConfig(), jax.devices()[:1])
+    cfg, params = load_params(run_dir, mesh)
+    tokenizer_path = run_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise ValueError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
+                         f"one; converted checkpoints need prompts as token ids)")
+    return Sampler(cfg.model, params, mesh), Tokenizer(tokenizer_path)
