@@ -1,4 +1,4 @@
-"""`phijax` command line: train | info | tokenizer train | data tokenize | data report."""
+"""`phijax` command line: train | info | sample | serve | convert | tokenizer | data."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,45 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
+    return 0
+
+
+def _sample(args) -> int:
+    from phijax.sampling import Request, load_sampler
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
+    sampler, tokenizer = load_sampler(args.ckpt)
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: not comma-separated integers")
+    else:
+        prompt = tokenizer.encode([args.prompt])[0]
+    request = Request(prompt, n=args.n, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      stop_ids=(tokenizer.eos_id,), seed=args.seed)
+    for i, s in enumerate(sampler.generate([request])[0]):
+        print(f"--- sample {i + 1}/{args.n}: {len(s.tokens)} tokens, finish {s.finish_reason}, "
+              f"logprob {sum(s.logprobs):.2f}")
+        print(tokenizer.decode(s.tokens))
+    return 0
+
+
+def _serve(args) -> int:
+    from phijax.serve import serve
+
+    return serve(args.ckpt, host=args.host, port=args.port, model_name=args.model_name)
+
+
+def _convert(args) -> int:
+    from phijax import convert
+
+    if args.direction == "from-hf":
+        print(convert.from_hf(args.src, args.dst))
+    else:
+        print(convert.to_hf(args.src, args.dst, dtype=args.dtype, max_shard_gb=args.max_shard_gb))
     return 0
 
 
@@ -102,6 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("sample", help="sample completions from a checkpoint (run directory)")
+    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    s.add_argument("--prompt", help="text to continue")
+    s.add_argument("--prompt-ids", help="token ids to continue, e.g. 12,7,99 (no tokenizing)")
+    s.add_argument("-n", type=int, default=1, help="samples (sharing one prefill)")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_sample)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a checkpoint")
+    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
+    s.set_defaults(fn=_serve)
+    conv = sub.add_parser("convert", help="Hugging Face Phi3ForCausalLM <-> phijax checkpoint")
+    conv = conv.add_subparsers(dest="direction", required=True)
+    s = conv.add_parser("from-hf", help="HF_DIR (config.json + safetensors) -> run directory")
+    s.add_argument("src", metavar="HF_DIR")
+    s.add_argument("dst", metavar="CKPT")
+    s.set_defaults(fn=_convert)
+    s = conv.add_parser("to-hf", help="run directory -> HF_DIR (config.json + safetensors)")
+    s.add_argument("src", metavar="CKPT")
+    s.add_argument("dst", metavar="HF_DIR")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--max-shard-gb", type=float, default=5.0)
+    s.set_defaults(fn=_convert)
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
     s = tok.add_parser("train", help="train a sentencepiece BPE tokenizer")
     s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:python-docs")

@@ -95,38 +95,48 @@ def _norm(x, scale, eps):
 
 
 def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
-    """One block on x (b, s, e) at cache slots [slot, slot + s); returns x and the cache."""
+    """One block on x (b, s, e) at cache slots [slot, slot + s); returns x and the cache.
+
+    The cache is laid out (b, kv_heads, slots, head_dim), so attention is a matmul batched over
+    (b, kv_heads) with no transposes of the cache; projections are 2-D matmuls over b * s rows.
+    """
     dt = x.dtype
-    g = cfg.num_attention_heads // cfg.num_key_value_heads
-    h = _norm(x, w["attn_norm"]["scale"], cfg.rms_norm_eps)
-    qkv = jnp.einsum("bse,ekhd->bskhd", h, w["attn"]["qkv"].astype(dt))
+    b, s, e = x.shape
+    kv, d = cfg.num_key_value_heads, cfg.dim_per_head
+    g = cfg.num_attention_heads // kv
+    h = _norm(x, w["attn_norm"]["scale"], cfg.rms_norm_eps).reshape(b * s, e)
+    qkv = (h @ w["attn"]["qkv"].astype(dt).reshape(e, -1)).reshape(b, s, kv, g + 2, d)
     q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
     q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
-    q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, cache_k, preferred_element_type=jnp.float32)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, s, d)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
+    q = (q * jnp.asarray(d ** -0.5, dt)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, cache_k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, cache_v)
-    x = x + jnp.einsum("bskgd,kgde->bse", out, w["attn"]["o"].astype(dt))
-    h = _norm(x, w["mlp_norm"]["scale"], cfg.rms_norm_eps)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, cache_v).reshape(b, kv, s, g, d)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(b * s, kv * g * d)
+    x = x + (out @ w["attn"]["o"].astype(dt).reshape(-1, e)).reshape(b, s, e)
+    h = _norm(x, w["mlp_norm"]["scale"], cfg.rms_norm_eps).reshape(b * s, e)
     m = w["mlp"]
     h = jax.nn.silu(h @ m["gate"].astype(dt)) * (h @ m["up"].astype(dt))
-    return x + h @ m["down"].astype(dt), cache_k, cache_v
+    return x + (h @ m["down"].astype(dt)).reshape(b, s, e), cache_k, cache_v
 
 
 def _step(cfg, params, layers, tokens, positions, caches, slot, key_start):
     """Run tokens (b, s) at slots [slot, slot + s): logits of the last position, caches."""
     dt = jnp.dtype(cfg.dtype)
-    s, total = tokens.shape[1], caches[0][0].shape[1]
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    s, total = tokens.shape[1], caches[0][0].shape[2]
     x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
     rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
     query_slot = slot + jnp.arange(s)
     key_slot = jnp.arange(total)
     mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & \
         (key_slot[None, None, :] >= key_start[:, None, None])
-    mask = mask[:, None, None]  # (b, 1, 1, s, total)
+    # (b, 1, s * g, total): queries are laid out (position, head in group)
+    mask = jnp.repeat(mask, g, axis=1)[:, None]
     new = []
     for w, (ck, cv) in zip(layers, caches):
         x, ck, cv = _layer(cfg, w, x, rope_cs, ck, cv, slot, mask)
@@ -135,6 +145,26 @@ def _step(cfg, params, layers, tokens, positions, caches, slot, key_start):
     out_w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(h, out_w.astype(dt), preferred_element_type=jnp.float32)
     return logits, new
+
+
+def _draw(keys, logits, block: int = 128):
+    """One categorical draw per row by inverting the CDF with a single uniform.
+
+    The usual Gumbel trick needs a random number per vocabulary entry, and a full-length cumsum
+    is slow on XLA:CPU; so the CDF is inverted in two levels: over sums of blocks of `block`
+    entries, then within the chosen block.
+    """
+    rows, vocab = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(rows, -1, block)
+    sums = probs.sum(-1)
+    cdf = jnp.cumsum(sums, axis=-1)
+    target = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    b = jnp.minimum(jnp.sum(cdf < target[:, None], axis=-1), sums.shape[1] - 1)
+    before = jnp.take_along_axis(cdf - sums, b[:, None], axis=-1)[:, 0]
+    inner = jnp.cumsum(jnp.take_along_axis(probs, b[:, None, None], axis=1)[:, 0], axis=-1)
+    j = jnp.minimum(jnp.sum(inner < (target - before)[:, None], axis=-1), block - 1)
+    return jnp.minimum(b * block + j, vocab - 1)
 
 
 def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
@@ -148,11 +178,10 @@ def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
         rank = jnp.arange(logits.shape[-1])[None]
         keep = ((top_k[:, None] == 0) | (rank < top_k[:, None])) & \
             (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
-        ranked = jnp.where(keep, ranked, -jnp.inf)
-        pick = jax.vmap(jax.random.categorical)(keys, ranked)
+        pick = _draw(keys, jnp.where(keep, ranked, -jnp.inf))
         sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
     else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+        sampled = _draw(keys, scaled)
     token = jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
@@ -165,7 +194,7 @@ def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, 
     total = p + max_new
     kv, d = cfg.num_key_value_heads, cfg.dim_per_head
     dt = jnp.dtype(cfg.dtype)
-    caches = [(jnp.zeros((b, total, kv, d), dt), jnp.zeros((b, total, kv, d), dt))
+    caches = [(jnp.zeros((b, kv, total, d), dt), jnp.zeros((b, kv, total, d), dt))
               for _ in layers]
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
     logits, caches = _step(cfg, params, layers, prompts, positions, caches, 0, pad)

@@ -7,6 +7,7 @@ sharded on `mesh` by the model's logical axis rules.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -51,12 +52,15 @@ def load_params(run_dir: str | Path, mesh: jax.sharding.Mesh, step: int | None =
     step = latest_step(run_dir) if step is None else step
     target = abstract_params(cfg, mesh)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+    absl = logging.getLogger("absl")
+    level, _ = absl.level, absl.setLevel(logging.ERROR)  # "directory is read only": we asked
     with ocp.CheckpointManager(run_dir / "checkpoints",
                                options=ocp.CheckpointManagerOptions(
                                    read_only=True, create=False, save_interval_steps=0)) as manager:
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args},
             partial_restore=True)))
+    absl.setLevel(level)
     return cfg, out.state["params"]
 
 
