@@ -233,3 +233,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     code, out = _post(server, "/completions", ok)
     assert code == 200 and out["choices"][0]["text"] is not None
     assert client.completions.create(**ok).usage.completion_tokens <= 2
+
+
+def test_sample_cli_prints_n_samples(run_dir):
+    out = run_cli("sample", run_dir, "--prompt", "def f(x):", "-n", 3, "--max-new-tokens", 8,
+                  "--seed", 1).stdout
+    assert out.count("--- sample ") == 3 and "finish length" in out
+    again = run_cli("sample", run_dir, "--prompt", "def f(x):", "-n", 3, "--max-new-tokens", 8,
+                    "--seed", 1).stdout
+    assert again == out  # a seed fixes the samples
+    ids = run_cli("sample", run_dir, "--prompt-ids", "5,6,7", "--max-new-tokens", 4,
+                  "--temperature", 0).stdout
+    assert "4 tokens" in ids
+    bad = run_cli("sample", run_dir, "--prompt", "x", "-n", 0, check=False)
+    assert bad.returncode == 2 and "n must be at least 1" in bad.stderr

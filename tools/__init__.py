@@ -1,0 +1,1 @@
+"""Offline data-preparation tools (teacher client, pipelines, sandboxed execution, ...)."""
