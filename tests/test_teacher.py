@@ -1,0 +1,300 @@
+"""tools.teacher / tools.cache against a real loopback OpenAI-compatible server with faults."""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, Path(__file__).resolve().parent):  # `tools` is a top-level package; the server
+    if str(p) not in sys.path:                    # module lives next to this file
+        sys.path.insert(0, str(p))
+
+pytest.importorskip("openai")
+
+from teacher_server import start_server  # noqa: E402
+from tools.cache import Cache  # noqa: E402
+from tools.teacher import Teacher, TeacherConfig, TeacherError, parse_retry_after  # noqa: E402
+
+SECRET = "sk-test-7f3a9c1e-DO-NOT-LEAK-5b2d"
+KEY_ENV = "PHIJAX_TEST_TEACHER_KEY"
+
+
+def fast_cfg(url: str, **kw) -> TeacherConfig:
+    base = dict(base_url=url, model="echo-1", api_key_env=KEY_ENV, concurrency=32, max_retries=20,
+                timeout_s=0.3, backoff_base_s=0.005, backoff_max_s=0.05)
+    base.update(kw)
+    return TeacherConfig(**base)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+
+
+async def _run(teacher: Teacher, coros_fn):
+    try:
+        return await coros_fn(teacher)
+    finally:
+        await teacher.aclose()
+
+
+@pytest.fixture
+def server():
+    handles = []
+
+    def make(**kw):
+        h = start_server(**kw)
+        handles.append(h)
+        return h
+
+    yield make
+    for h in handles:
+        h.stop()
+
+
+def test_faulty_server_all_calls_right(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(fault_rate=0.3, seed=1234, hang_s=1.0)
+    teacher = Teacher(fast_cfg(srv.url))
+
+    async def go(t):
+        return await asyncio.gather(*(t.chat(user(f"q{i}"), n=1 + i % 3, temperature=0.0)
+                                      for i in range(300)))
+
+    t0 = time.monotonic()
+    results = asyncio.run(_run(teacher, go))
+    elapsed = time.monotonic() - t0
+    for i, r in enumerate(results):
+        assert r == [f"echo: q{i}"] * (1 + i % 3)
+    st = srv.stats.snapshot()
+    # every kind of fault was injected and each cost one retry
+    assert set(st["faults"]) == {"429", "500", "timeout", "reset", "malformed", "empty", "truncated"}
+    assert st["fault_total"] > 50
+    assert teacher.usage["retries"] == st["fault_total"]
+    assert teacher.usage["requests"] == st["requests"] == 300 + st["fault_total"]
+    assert teacher.usage["failures"] == 0
+    assert teacher.usage["prompt_tokens"] > 0 and teacher.usage["completion_tokens"] > 0
+    assert f"Bearer {SECRET}" in st["auth_headers"]
+    assert elapsed < 20
+
+
+def test_retry_after_is_honoured(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(script=["429"], retry_after_s=0.2)
+    teacher = Teacher(fast_cfg(srv.url, backoff_base_s=0.001, backoff_max_s=0.001))
+
+    async def go(t):
+        t0 = time.monotonic()
+        out = await t.chat(user("wait for me"))
+        return out, time.monotonic() - t0
+
+    out, elapsed = asyncio.run(_run(teacher, go))
+    assert out == ["echo: wait for me"]
+    assert elapsed >= 0.2
+    assert srv.stats.snapshot()["requests"] == 2 and teacher.usage["retries"] == 1
+
+
+def test_parse_retry_after():
+    assert parse_retry_after({"retry-after": "0.25"}) == 0.25
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now + 7, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(7.0, abs=1.0)
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_bad_request_not_retried(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(script=["400"])
+    teacher = Teacher(fast_cfg(srv.url, backoff_base_s=1.0, backoff_max_s=5.0))
+
+    async def go(t):
+        t0 = time.monotonic()
+        with pytest.raises(TeacherError) as ei:
+            await t.chat(user("bad"))
+        return ei.value, time.monotonic() - t0
+
+    err, elapsed = asyncio.run(_run(teacher, go))
+    assert "400" in str(err) and "\n" not in str(err) and SECRET not in str(err)
+    assert elapsed < 0.5
+    assert srv.stats.snapshot()["requests"] == 1
+    assert teacher.usage["failures"] == 1 and teacher.usage["retries"] == 0
+
+
+def test_retries_exhausted_one_line_error(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(fault_rate=1.0, faults=("500",))
+    teacher = Teacher(fast_cfg(srv.url, max_retries=3))
+
+    async def go(t):
+        with pytest.raises(TeacherError) as ei:
+            await t.chat(user("never"))
+        return ei.value
+
+    err = asyncio.run(_run(teacher, go))
+    assert "4 attempts" in str(err) and "HTTP 500" in str(err) and "\n" not in str(err)
+    assert srv.stats.snapshot()["requests"] == 4
+
+
+def test_cache_hits_make_no_requests(server, monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server()
+    path = tmp_path / "teacher.sqlite"
+    msgs = user("cache me")
+
+    async def twice(t):
+        a = await t.chat(msgs, n=2, temperature=0.7, max_tokens=64, seed=3, template_version="v1")
+        b = await t.chat(msgs, n=2, temperature=0.7, max_tokens=64, seed=3, template_version="v1")
+        # anything in the request changes the key
+        c = await t.chat(msgs, n=2, temperature=0.7, max_tokens=64, seed=3, template_version="v2")
+        return a, b, c
+
+    cache = Cache(path)
+    t1 = Teacher(fast_cfg(srv.url), cache=cache)
+    a, b, c = asyncio.run(_run(t1, twice))
+    assert a == b == c == ["echo: cache me"] * 2
+    assert srv.stats.snapshot()["requests"] == 2
+    assert t1.usage["cache_hits"] == 1 and t1.usage["requests"] == 2
+    cache.close()
+
+    cache2 = Cache(path)  # a new Teacher on the same cache file: no HTTP at all
+    t2 = Teacher(fast_cfg(srv.url), cache=cache2)
+    a2, b2, c2 = asyncio.run(_run(t2, twice))
+    assert a2 == b2 == c2 == a
+    assert srv.stats.snapshot()["requests"] == 2
+    assert t2.usage["requests"] == 0 and t2.usage["cache_hits"] == 3
+    cache2.close()
+
+
+def test_identical_inflight_requests_share_one_call(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(delay_s=0.05)
+    teacher = Teacher(fast_cfg(srv.url))
+
+    async def go(t):
+        return await asyncio.gather(*(t.chat(user("same")) for _ in range(10)))
+
+    out = asyncio.run(_run(teacher, go))
+    assert out == [["echo: same"]] * 10
+    assert srv.stats.snapshot()["requests"] == 1 and teacher.usage["cache_hits"] == 9
+
+
+def test_api_key_never_stored(server, monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(fault_rate=0.3, seed=5, faults=("429", "500", "malformed"))
+    path = tmp_path / "c.sqlite"
+    cache = Cache(path)
+    teacher = Teacher(fast_cfg(srv.url), cache=cache)
+
+    async def go(t):
+        return await asyncio.gather(*(t.chat(user(f"k{i}")) for i in range(40)))
+
+    asyncio.run(_run(teacher, go))
+    assert srv.stats.snapshot()["auth_headers"] == [f"Bearer {SECRET}"]  # it was sent
+    cache.close()
+    blobs = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert len(blobs) > 0 and SECRET.encode() not in blobs
+    for text in (repr(teacher.cfg), repr(teacher), repr(teacher.usage), repr(cache)):
+        assert SECRET not in text
+
+
+def test_missing_key_nonloopback_fails_before_network(monkeypatch):
+    monkeypatch.delenv("PHIJAX_SURELY_UNSET_KEY", raising=False)
+    cfg = TeacherConfig(base_url="https://teacher.example.invalid/v1", model="m",
+                        api_key_env="PHIJAX_SURELY_UNSET_KEY")
+    with pytest.raises(TeacherError) as ei:
+        Teacher(cfg)
+    msg = str(ei.value)
+    assert "PHIJAX_SURELY_UNSET_KEY" in msg and "\n" not in msg
+
+
+def test_missing_key_loopback_uses_local(server, monkeypatch):
+    monkeypatch.delenv("PHIJAX_SURELY_UNSET_KEY", raising=False)
+    srv = server()
+    teacher = Teacher(fast_cfg(srv.url, api_key_env="PHIJAX_SURELY_UNSET_KEY"))
+    out = asyncio.run(_run(teacher, lambda t: t.chat(user("hi"))))
+    assert out == ["echo: hi"]
+    assert srv.stats.snapshot()["auth_headers"] == ["Bearer local"]
+
+
+def test_rate_limits(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server()
+    # 1200 RPM = 20/s with a one-second burst: 30 requests need >= (30 - 20) / 20 = 0.5 s
+    teacher = Teacher(fast_cfg(srv.url, requests_per_minute=1200))
+
+    async def go(t):
+        t0 = time.monotonic()
+        await asyncio.gather(*(t.chat(user(f"r{i}")) for i in range(30)))
+        return time.monotonic() - t0
+
+    assert asyncio.run(_run(teacher, go)) >= 0.45
+    # 60000 TPM = 1000 tokens/s with a one-second burst; each call costs ~205 tokens (estimate
+    # 400/4 + max_tokens 100, and the server reports about as much): 10 calls need >= ~1 s
+    teacher = Teacher(fast_cfg(srv.url, tokens_per_minute=60000))
+
+    async def go2(t):
+        t0 = time.monotonic()
+        await asyncio.gather(*(t.chat(user(f"{i:04d}" + "y" * 396), max_tokens=100) for i in range(10)))
+        return time.monotonic() - t0
+
+    assert asyncio.run(_run(teacher, go2)) >= 0.8
+    assert 1800 <= teacher.usage["prompt_tokens"] + teacher.usage["completion_tokens"] <= 2400
+
+
+def test_usage_cost(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server()
+    teacher = Teacher(fast_cfg(srv.url, price_prompt_per_1k=1.0, price_completion_per_1k=2.0))
+    asyncio.run(_run(teacher, lambda t: t.chat(user("price"))))
+    u = teacher.usage
+    assert u["cost"] == pytest.approx((u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0) / 1000)
+
+
+def test_cache_key_canonical():
+    a = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1, "temperature": 1.0}
+    b = dict(reversed(list(a.items())))
+    assert Cache.key(a) == Cache.key(b)
+    assert Cache.key(a) != Cache.key({**a, "n": 2})
+    assert len(Cache.key(a)) == 64
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tools.cache import Cache
+    wid = int(sys.argv[1])
+    c = Cache({path!r})
+    for i in range({n}):
+        c.put(Cache.key({{"w": wid, "i": i}}), {{"w": wid, "i": i, "pad": "x" * 200}})
+        c.put(Cache.key({{"shared": i}}), {{"shared": i}})   # the same keys from every writer
+        if i % 50 == 0:
+            assert c.get(Cache.key({{"w": wid, "i": i}}))["i"] == i
+    c.close()
+""")
+
+
+def test_cache_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "shared.sqlite"
+    n = 400
+    code = _WRITER.format(root=str(ROOT), path=str(path), n=n)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(w)], stderr=subprocess.PIPE, text=True)
+             for w in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    with Cache(path) as c:
+        assert len(c) == 4 * n + n
+        for w in range(4):
+            for i in range(n):
+                assert c.get(Cache.key({"w": w, "i": i})) == {"w": w, "i": i, "pad": "x" * 200}
+        assert all(c.get(Cache.key({"shared": i})) == {"shared": i} for i in range(n))
+        assert c.get("0" * 64) is None

@@ -1,0 +1,355 @@
+"""The teacher runtime: an asyncio client for any OpenAI-compatible chat endpoint.
+
+`Teacher.chat(messages, n=..., ...)` returns the n choices' message contents. Around the official
+`openai.AsyncOpenAI` client (its own retries off; one pooled HTTP client with at least
+`concurrency` connections) it adds:
+
+* bounded concurrency (an `asyncio.Semaphore` held only while a request is in flight),
+* requests-per-minute and tokens-per-minute limits (token buckets holding one second's worth;
+  TPM charges len(text)/4 + n*max_tokens before the call and corrects to the reported usage),
+* retries with exponential backoff and full jitter, honouring `Retry-After` / `retry-after-ms`
+  (seconds or an HTTP date) on 429/503; retried: 408, 429, 5xx, timeouts, connection errors,
+  malformed JSON, fewer than n choices or a choice without content; any other 4xx raises
+  `TeacherError` at once,
+* a content-addressed cache (`tools.cache.Cache`) keyed by the full request, plus in-process
+  de-duplication of identical requests in flight,
+* usage accounting: requests, cache_hits, retries, failures, prompt/completion tokens, cost.
+
+The API key is read from the environment variable NAMED by `TeacherConfig.api_key_env`; it is
+never stored in the config, the cache, the usage numbers or error messages. If the variable is
+unset and `base_url` is a loopback address the dummy key "local" is used; otherwise the
+constructor fails with a one-line error naming the variable, before any network call.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import openai
+
+try:  # openai >= 3 ships on httpx2; older releases on httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
+from .cache import Cache
+
+__all__ = ["TeacherConfig", "TeacherError", "Teacher", "parse_retry_after"]
+
+
+@dataclass
+class TeacherConfig:
+    base_url: str                        # any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (never the key)
+    concurrency: int = 64
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_retries: int = 8
+    timeout_s: float = 60.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    price_prompt_per_1k: float = 0.0
+    price_completion_per_1k: float = 0.0
+
+
+class TeacherError(Exception):
+    """A chat call failed for good (non-retryable error, or retries exhausted); one-line message."""
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way worth retrying; `retry_after` is the server's hint, if any."""
+
+    def __init__(self, why: str, retry_after: float | None = None):
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+class _TokenBucket:
+    """Refills at `per_minute / 60` per second up to one second's worth (at least one request's
+    amount). `acquire(x)` waits until the level reaches min(x, capacity), then takes x (the level
+    may go negative, so oversized requests still pay in full). Waiters are served in order."""
+
+    def __init__(self, per_minute: float, burst_s: float = 1.0):
+        if not per_minute > 0:
+            raise ValueError(f"rate limit must be > 0, got {per_minute}")
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def acquire(self, amount: float) -> None:
+        async with self._lock:
+            need = min(amount, self.capacity)
+            while True:
+                self._refill()
+                if self.level >= need:
+                    self.level -= amount
+                    return
+                await asyncio.sleep((need - self.level) / self.rate)
+
+    def credit(self, amount: float) -> None:
+        """Give back `amount` (negative: charge more), e.g. to correct an estimate."""
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+
+def _is_loopback(base_url: str) -> bool:
+    host = (urlsplit(base_url).hostname or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (delta-seconds or HTTP date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            v = float(ms) / 1000.0
+            if math.isfinite(v):
+                return max(0.0, v)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        v = float(ra)
+        return max(0.0, v) if math.isfinite(v) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text_len(messages: list[dict]) -> int:
+    total = 0
+    for m in messages:
+        c = m.get("content")
+        total += len(c) if isinstance(c, str) else len(json.dumps(c, default=str)) if c else 0
+    return total
+
+
+class Teacher:
+    """Async, rate-limited, retrying, caching chat client; see the module docstring."""
+
+    def __init__(self, cfg: TeacherConfig, cache: Cache | None = None):
+        if cfg.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {cfg.concurrency}")
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            if not _is_loopback(cfg.base_url):
+                raise TeacherError(f"environment variable {cfg.api_key_env} is not set: it must hold "
+                                   f"the API key for the teacher endpoint {cfg.base_url}")
+            key = "local"
+        self.cfg = cfg
+        self.cache = cache
+        timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0))
+        self._http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=cfg.concurrency,
+                                max_keepalive_connections=cfg.concurrency, keepalive_expiry=30.0),
+            timeout=timeout, trust_env=not _is_loopback(cfg.base_url))  # no proxies for loopback
+        self._client = openai.AsyncOpenAI(api_key=key, base_url=cfg.base_url, max_retries=0,
+                                          timeout=cfg.timeout_s, http_client=self._http)
+        del key
+        self._sem = asyncio.Semaphore(cfg.concurrency)  # held only while a request is in flight
+        self._rpm = _TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
+        self._tpm = _TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._rng = random.Random()
+        self.usage: dict = dict(requests=0, cache_hits=0, retries=0, failures=0,
+                                prompt_tokens=0, completion_tokens=0, cost=0.0)
+
+    def __repr__(self) -> str:
+        return f"Teacher(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
+
+    # ------------------------------------------------------------------ public API
+
+    async def chat(self, messages: list[dict], *, n: int = 1, temperature: float = 1.0,
+                   max_tokens: int | None = None, seed: int | None = None,
+                   template_version: str = "", **params) -> list[str]:
+        """The n choices' message contents, cached by the full request."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        request = dict(model=self.cfg.model, messages=messages, n=n, temperature=temperature,
+                       max_tokens=max_tokens, seed=seed, template_version=template_version,
+                       params=params)
+        key = Cache.key(request)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.usage["cache_hits"] += 1
+                return list(hit["choices"])
+        shared = self._inflight.get(key)
+        if shared is not None:  # an identical request is already on its way: share its answer
+            self.usage["cache_hits"] += 1
+            return list(await asyncio.shield(shared))
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            choices, usage = await self._call(messages, n, temperature, max_tokens, seed, params)
+            if self.cache is not None:
+                self.cache.put(key, {"choices": choices, "usage": usage,
+                                     "model": self.cfg.model, "created": time.time()})
+            fut.set_result(choices)
+            return list(choices)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else TeacherError("cancelled"))
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "Teacher":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        jitter = self._rng.uniform(0.0, min(self.cfg.backoff_max_s,
+                                            self.cfg.backoff_base_s * (2.0 ** attempt)))
+        return jitter if retry_after is None else max(retry_after, jitter)
+
+    async def _call(self, messages, n, temperature, max_tokens, seed, params):
+        body: dict[str, Any] = dict(model=self.cfg.model, messages=messages, n=n,
+                                    temperature=temperature)
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if seed is not None:
+            body["seed"] = seed
+        params = dict(params)
+        headers = params.pop("extra_headers", None) or {}
+        body.update(params.pop("extra_body", None) or {})
+        body.update(params)
+        options: dict[str, Any] = {"headers": headers} if headers else {}
+        estimate = _text_len(messages) / 4.0 + n * (max_tokens or 0)
+        last = "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.usage["retries"] += 1
+            if self._rpm is not None:
+                await self._rpm.acquire(1)
+            if self._tpm is not None:
+                await self._tpm.acquire(estimate)
+            try:
+                async with self._sem:
+                    self.usage["requests"] += 1
+                    async with asyncio.timeout(self.cfg.timeout_s):
+                        # The documented `post` (the SDK's own request path, status errors and
+                        # all) with the body as given: the typed `create` re-walks every message
+                        # through its TypedDict transform and builds pydantic models, which
+                        # costs more CPU per call than the whole HTTP exchange.
+                        raw = await self._client.post("/chat/completions", body=body,
+                                                      cast_to=httpx.Response, options=options)
+                        data = json.loads(await raw.aread())
+                choices, usage = self._validate(data, n)
+            except _Retryable as e:
+                last, retry_after = str(e), e.retry_after
+            except Exception as e:
+                if self._tpm is not None:
+                    self._tpm.credit(estimate)
+                retry_after = None
+                last = self._classify(e)  # raises TeacherError when not retryable
+                if isinstance(e, openai.APIStatusError) and e.status_code in (429, 503):
+                    retry_after = parse_retry_after(e.response.headers)
+            else:
+                self._account(usage, estimate)
+                return choices, usage
+            if attempt < self.cfg.max_retries:
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+        self.usage["failures"] += 1
+        raise TeacherError(_one_line(f"teacher request failed after {self.cfg.max_retries + 1} "
+                                     f"attempts; last error: {last}"))
+
+    def _classify(self, e: Exception) -> str:
+        """One-line description of a retryable error; raises TeacherError for the others."""
+        if isinstance(e, openai.APIStatusError):
+            code = e.status_code
+            why = f"HTTP {code}: {_one_line(getattr(e, 'message', '') or e, 200)}"
+            if code in (408, 429) or code >= 500:
+                return why
+            self.usage["failures"] += 1
+            raise TeacherError(_one_line(f"teacher request rejected (not retried): {why}")) from None
+        if isinstance(e, (TimeoutError, openai.APITimeoutError)):
+            return f"timeout after {self.cfg.timeout_s:g}s"
+        if isinstance(e, (openai.APIConnectionError, httpx.TransportError, ConnectionError)):
+            cause = e.__cause__ or e
+            detail = _one_line(cause, 150)
+            return f"connection error: {type(cause).__name__}" + (f": {detail}" if detail else "")
+        if isinstance(e, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError,
+                          AttributeError, TypeError, KeyError)):
+            return f"malformed response: {type(e).__name__}: {_one_line(e, 150)}"
+        self.usage["failures"] += 1
+        raise TeacherError(_one_line(f"teacher request failed (not retried): "
+                                     f"{type(e).__name__}: {e}")) from None
+
+    @staticmethod
+    def _validate(data: Any, n: int) -> tuple[list[str], dict]:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            raise _Retryable(f"malformed response: no choices list in {type(data).__name__}")
+        if len(choices) < n:
+            raise _Retryable(f"truncated response: {len(choices)} of {n} choices")
+
+        def index(c):
+            i = c.get("index") if isinstance(c, dict) else None
+            return i if isinstance(i, int) else 0
+
+        out: list[str] = []
+        for i, c in enumerate(sorted(choices, key=index)[:n]):
+            msg = c.get("message") if isinstance(c, dict) else None
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if not isinstance(content, str) or not content:
+                raise _Retryable(f"truncated response: choice {i} has no content")
+            out.append(content)
+        u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage = dict(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                     completion_tokens=int(u.get("completion_tokens") or 0))
+        return out, usage
+
+    def _account(self, usage: dict, estimate: float) -> None:
+        p, c = usage["prompt_tokens"], usage["completion_tokens"]
+        self.usage["prompt_tokens"] += p
+        self.usage["completion_tokens"] += c
+        self.usage["cost"] += (p * self.cfg.price_prompt_per_1k
+                               + c * self.cfg.price_completion_per_1k) / 1000.0
+        if self._tpm is not None and (p or c):
+            self._tpm.credit(estimate - (p + c))
