@@ -1,0 +1,328 @@
+"""tools.pipeline against the real loopback teacher server (tests/teacher_server.py) with faults."""
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_server import start_server  # noqa: E402
+
+from tools.pipeline import (PipelineError, load_pipeline, read_records,  # noqa: E402
+                            run_pipeline, shard_path)
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SEEDS = 1000
+KEY_ENV = "PHIJAX_TEST_PIPELINE_KEY"
+# Fast retries; the client timeout sits below the server's hang so "timeout" faults cost 0.25 s.
+FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=64, max_retries=25,
+            timeout_s=0.25, backoff_base_s=0.005, backoff_max_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def secret():
+    key = "sk-test-" + secrets.token_hex(16)
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = key
+    yield key
+    if old is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start_server(fault_rate=0.3, seed=1234, hang_s=0.5, retry_after_s=0.01)
+    yield srv
+    srv.stop()
+
+
+def requests_served(srv) -> int:
+    return srv.stats.snapshot()["requests"]
+
+
+def write_seeds(path: Path, n: int = N_SEEDS) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"s{i}", "question": f"what is {i}+{i}?"}) + "\n")
+    return path
+
+
+def pipeline_dict(srv, tmp: Path, name: str = "run", **top) -> dict:
+    raw = {"teacher": dict(FAST, base_url=srv.url), "input": str(tmp / "seeds.jsonl"),
+           "output": str(tmp / name), "shards": 4,
+           "stages": [{"name": "answer", "type": "prompt", "template": "Q: {question}",
+                       "output_field": "answer"}]}
+    raw.update(top)
+    return raw
+
+
+def run(raw: dict, **kw) -> dict:
+    return asyncio.run(run_pipeline(load_pipeline(raw=raw), progress=False, **kw))
+
+
+def strip_time(rec: dict) -> dict:
+    rec = json.loads(json.dumps(rec))
+    for st in rec["provenance"]["stages"]:
+        st.pop("time", None)
+    return rec
+
+
+def by_id(records: list[dict]) -> dict:
+    out = {r["id"]: strip_time(r) for r in records}
+    assert len(out) == len(records), "duplicate record ids"
+    return out
+
+
+def assert_no_secret(run_dir: Path, key: str) -> None:
+    needle = key.encode()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert needle not in p.read_bytes(), f"API key found in {p}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, server, secret):
+    """One uninterrupted in-process run of 1,000 seeds against the faulty server."""
+    tmp = tmp_path_factory.mktemp("pipe-ref")
+    write_seeds(tmp / "seeds.jsonl")
+    raw = pipeline_dict(server, tmp)
+    before = requests_served(server)
+    t0 = time.monotonic()
+    summary = run(raw)
+    return dict(tmp=tmp, raw=raw, summary=summary, seconds=time.monotonic() - t0,
+                requests=requests_served(server) - before,
+                records=read_records(tmp / "run"))
+
+
+def test_thousand_seeds_with_faults(reference, server, secret):
+    recs = reference["records"]
+    assert len(recs) == N_SEEDS
+    assert len({r["id"] for r in recs}) == N_SEEDS
+    for r in recs:
+        i = int(r["provenance"]["seed_id"][1:])
+        assert r["id"] == f"s{i}/answer/0"
+        assert r["answer"] == f"echo: Q: what is {i}+{i}?"
+        assert r["question"] == f"what is {i}+{i}?"
+        (st,) = r["provenance"]["stages"]
+        assert st["stage"] == "answer" and st["model"] == "echo-model"
+        assert len(st["template_sha256"]) == 64 and st["time"]
+    run_dir = reference["tmp"] / "run"
+    for k, path in enumerate(shard_path(run_dir, s, 4) for s in range(4)):
+        assert path.exists()
+    assert not (run_dir / "failures.jsonl").exists() or not (run_dir / "failures.jsonl").read_text()
+    s = reference["summary"]
+    assert s["seeds_ok"] == N_SEEDS and s["seeds_failed"] == 0 and s["records"] == N_SEEDS
+    assert s["usage"]["retries"] > 0, "the server should have injected faults"
+    usage = json.loads((run_dir / "usage.json").read_text())
+    assert usage["total"]["requests"] == reference["requests"]
+    assert usage["total"]["completion_tokens"] > 0 and usage["records"] == N_SEEDS
+    # the key was really sent (Authorization header) yet never reached a file
+    assert any(secret in a for a in server.stats.snapshot().get("auth_headers", [secret]))
+    assert_no_secret(run_dir, secret)
+
+
+def test_rerun_makes_no_requests(reference, server):
+    raw = reference["raw"]
+    before = requests_served(server)
+    s = run(raw)
+    assert requests_served(server) == before
+    assert s["this_run"]["skipped"] == N_SEEDS and s["usage"]["requests"] == 0
+    assert by_id(read_records(reference["tmp"] / "run")) == by_id(reference["records"])
+
+
+def test_recovery_from_torn_writes(reference, server, secret, tmp_path):
+    """A crash between a batch's records and its done markers, and mid-line: the restart drops
+    the partial lines and the unmarked seeds' records, redoes them (from the cache: no
+    requests) and ends with the same records, no duplicates."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["tmp"] / "run", run_dir)
+    raw = dict(reference["raw"], output=str(run_dir))
+    done = run_dir / "state" / "done.jsonl"
+    lines = done.read_bytes().splitlines(keepends=True)
+    done.write_bytes(b"".join(lines[:-100]) + lines[-100][:17])  # 100 markers lost, one torn
+    shard = shard_path(run_dir, 2, 4)
+    shard.write_bytes(shard.read_bytes() + b'{"id": "s1/answer/0", "answ')
+    before = requests_served(server)
+    s = run(raw)
+    assert requests_served(server) == before, "redone seeds must come from the cache"
+    assert s["this_run"]["ok"] == 100
+    assert by_id(read_records(run_dir)) == by_id(reference["records"])
+    assert len(done.read_text().splitlines()) == N_SEEDS
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart(reference, server, secret, tmp_path):
+    """`python -m tools run` killed with SIGKILL at random points three times (and twice more
+    at injected worst-case instants), then run to the end: exactly the records of the
+    uninterrupted run, no duplicates, none lost."""
+    write_seeds(tmp_path / "seeds.jsonl")
+    raw = pipeline_dict(server, tmp_path, batch_size=8, flush_interval_s=0.05)
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "tools", "run", str(cfg), "--no-progress"]
+    done = tmp_path / "run" / "state" / "done.jsonl"
+    rng = random.Random()
+    targets = sorted(rng.sample(range(30, 800), 3))
+    kills = []
+    for target in targets:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and _count_lines(done) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))   # land anywhere: mid-request, mid-write, mid-fsync
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append((target, _count_lines(done), proc.returncode))
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr.read().decode()
+        proc.stderr.close()
+    # and at the worst instants: mid-line, and between a batch's records and its done markers
+    for crash in (f"torn:{rng.randint(1, 5)}", f"records:{rng.randint(1, 5)}"):
+        out = subprocess.run(cmd, cwd=ROOT, env=dict(env, TOOLS_PIPELINE_CRASH=crash),
+                             capture_output=True, text=True, timeout=60)
+        kills.append((crash, _count_lines(done), out.returncode))
+        assert out.returncode == -signal.SIGKILL, out.stderr
+    print("kills (target, done lines at kill, rc):", kills)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert any(rc == -signal.SIGKILL for _, _, rc in kills), kills
+    got = read_records(tmp_path / "run")
+    assert len(got) == N_SEEDS, kills
+    assert by_id(got) == by_id(reference["records"]), kills
+    assert len(done.read_text().splitlines()) == N_SEEDS
+    assert_no_secret(tmp_path / "run", secret)
+    # and a rerun of the finished pipeline makes no request at all
+    before = requests_served(server)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert requests_served(server) == before
+    assert json.loads(out.stdout.strip().splitlines()[-1])["this_run"]["skipped"] == N_SEEDS
+
+
+def test_multi_sample_prompt_and_filter(server, secret, tmp_path):
+    with open(tmp_path / "seeds.jsonl", "w") as f:
+        for i in range(20):                       # no ids: derived from the content hash
+            f.write(json.dumps({"question": f"q{i}", "keep": i % 2 == 0}) + "\n")
+        f.write(json.dumps({"question": "q0", "keep": True}) + "\n")   # repeats seed 0
+    tpl = tmp_path / "tpl.txt"
+    tpl.write_text("Solve {question} and return {{\"answer\": ...}}")
+    raw = pipeline_dict(server, tmp_path, shards=3, stages=[
+        {"name": "only-kept", "type": "filter", "field": "keep", "equals": True},
+        {"name": "gen", "type": "prompt", "template_file": str(tpl), "n": 3,
+         "temperature": 0.7, "output_field": "solution", "system": "be brief"},
+        {"name": "has-q3", "type": "filter", "field": "solution", "regex": r"q\d*[02468] "}])
+    s = run(raw)
+    recs = read_records(tmp_path / "run")
+    assert s["seeds_ok"] == 20 and s["this_run"]["duplicate_ids"] == 1
+    assert len(recs) == 10 * 3 and len({r["id"] for r in recs}) == 30
+    for r in recs:
+        seed = r["provenance"]["seed_id"]
+        assert seed.startswith("sha256:") and r["id"].startswith(seed + "/gen/")
+        assert r["solution"] == f'echo: Solve {r["question"]} and return {{"answer": ...}}'
+        assert [st["stage"] for st in r["provenance"]["stages"]] == ["gen"]
+    assert {r["id"].rsplit("/", 1)[1] for r in recs} == {"0", "1", "2"}
+
+
+def test_failures_are_recorded_and_retried(secret, tmp_path):
+    # 400 is not retried: the first two requests fail for good.
+    srv = start_server(script=["400", "400"])
+    try:
+        write_seeds(tmp_path / "seeds.jsonl", 6)
+        raw = pipeline_dict(srv, tmp_path, concurrency=1)
+        s = run(raw)
+        assert s["seeds_ok"] == 4 and s["seeds_failed"] == 2 and s["records"] == 4
+        fails = [json.loads(l) for l in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+        assert sorted(f["seed_id"] for f in fails) == ["s0", "s1"]
+        assert all(f["stage"] == "answer" and "400" in f["reason"] for f in fails)
+        n = requests_served(srv)
+        assert run(raw)["this_run"]["skipped"] == 6 and requests_served(srv) == n  # done = skipped
+        s = run(raw, retry_failed=True)
+        assert s["seeds_ok"] == 6 and s["seeds_failed"] == 0 and s["records"] == 6
+        assert not (tmp_path / "run" / "failures.jsonl").read_text()
+        assert len({r["id"] for r in read_records(tmp_path / "run")}) == 6
+    finally:
+        srv.stop()
+
+
+def test_example_pipeline_loads(server, tmp_path):
+    write_seeds(tmp_path / "seeds.jsonl", 3)
+    pipe = load_pipeline(ROOT / "configs/pipelines/echo.yaml",
+                         [f"input={tmp_path / 'seeds.jsonl'}", f"output={tmp_path / 'out'}",
+                          f"teacher.base_url={server.url}", "teacher.timeout_s=0.25",
+                          "teacher.max_retries=25", "teacher.backoff_base_s=0.005"])
+    s = asyncio.run(run_pipeline(pipe, progress=False))
+    assert s["seeds_ok"] == 3 and s["records"] == 12
+
+
+BAD = [
+    ({"stages": [{"name": "x", "type": "nope"}]}, "stages[0].type"),
+    ({"input": "/nonexistent/seeds.jsonl"}, "input"),
+    ({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "concurency": 4}},
+     "teacher.concurency"),
+    ({"teacher": {"base_url": "http://127.0.0.1:1/v1"}}, "teacher.model"),
+    ({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "max_retries": "lots"}},
+     "teacher.max_retries"),
+    ({"shards": 0}, "shards"),
+    ({"stages": []}, "stages"),
+    ({"stages": [{"name": "a", "type": "prompt"}]}, "stages[0].template"),
+    ({"stages": [{"name": "a", "type": "prompt", "template": "x", "n": 0}]}, "stages[0].n"),
+    ({"stages": [{"name": "a", "type": "prompt", "template": "x", "tempreature": 1}]},
+     "stages[0].tempreature"),
+    ({"stages": [{"name": "f", "type": "filter", "field": "a", "regex": "("}]},
+     "stages[0].regex"),
+    ({"stages": [{"name": "a", "type": "filter", "field": "x", "equals": 1},
+                 {"name": "a", "type": "filter", "field": "x", "equals": 1}]}, "stages[1].name"),
+    ({"outptu": "x"}, "outptu"),
+]
+
+
+@pytest.mark.parametrize("patch,key", BAD, ids=[k for _, k in BAD])
+def test_bad_pipeline_one_line_error(tmp_path, patch, key):
+    write_seeds(tmp_path / "seeds.jsonl", 1)
+    raw = {"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
+           "input": str(tmp_path / "seeds.jsonl"), "output": str(tmp_path / "run"), "shards": 2,
+           "stages": [{"name": "a", "type": "prompt", "template": "{question}"}]}
+    raw.update(patch)
+    with pytest.raises(PipelineError) as e:
+        load_pipeline(raw=raw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(key), msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_yaml_and_ray(tmp_path, capsys):
+    from tools.__main__ import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
+                                   "input": str(tmp_path / "missing.jsonl"),
+                                   "output": str(tmp_path / "run"), "stages": []}))
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: input:") and "\n" not in err
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        assert main(["run", str(bad), "--executor", "ray"]) == 2
+        assert capsys.readouterr().err.strip() == "error: ray is not installed; pip install ray"
