@@ -60,6 +60,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
+from phijax import config as phijax_config
+
 __all__ = ["PipelineError", "StageError", "Pipeline", "StageSpec", "Stage", "StageContext",
            "STAGES", "register_stage", "load_pipeline", "run_pipeline", "seed_id_of",
            "shard_of", "shard_path", "read_records"]
@@ -406,13 +408,11 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise PipelineError(f"override {item!r}: expected key=value, e.g. shards=8")
-        k, text = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(text) if text else ""))
-    return out
+    """`key=value` strings (values parsed as YAML), as for `phijax train`."""
+    try:
+        return phijax_config.parse_overrides(items)
+    except phijax_config.ConfigError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _teacher_kwargs(raw: Any) -> dict:
