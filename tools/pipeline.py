@@ -34,6 +34,9 @@ Run directory::
     state/done.jsonl                   {"seed_id", "status": ok|failed, "records": n} per seed
     state/pipeline.json                fingerprint of shards + stages (reruns must match)
     state/lock                         flock: one runner per run directory
+    state/done-0000k.jsonl             --executor ray, while it runs: shard k's task's done
+    state/failures-0000k.jsonl           markers and failures (folded into done.jsonl and
+    state/lock-0000k                     failures.jsonl when the tasks end, or on the next start)
 
 Crash safety (SIGKILL at any instant): records and failures are appended as whole lines,
 flushed and fsynced per batch, and only then is the batch's `done` marker line appended and
@@ -41,6 +44,10 @@ fsynced. On start, any partial trailing line is truncated from every log, and re
 failures of seeds without a done marker are dropped (rewrite to a temp file + rename), so
 those seeds are simply processed again (the teacher cache answers them for free). A seed with
 a done marker is skipped. The result is exactly the set of records an uninterrupted run gives.
+
+Executors: `run_pipeline` (local: one process, one async teacher) and `run_pipeline_ray` (one
+Ray task per output shard, each the only writer of its shard's files; see "the Ray executor"
+below). Both give the same records and leave the same layout; either resumes the other's run.
 """
 from __future__ import annotations
 
@@ -63,7 +70,8 @@ import yaml
 from phijax import config as phijax_config
 
 __all__ = ["PipelineError", "StageError", "Pipeline", "StageSpec", "Stage", "StageContext",
-           "STAGES", "register_stage", "load_pipeline", "run_pipeline", "seed_id_of",
+           "STAGES", "register_stage", "load_pipeline", "run_pipeline", "run_pipeline_ray",
+           "seed_id_of",
            "shard_of", "shard_path", "read_records"]
 
 
@@ -642,15 +650,37 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RunDir:
-    """The run directory's files; all appends are whole lines, fsynced per batch."""
+def _part_paths(state: Path, kind: str) -> list[Path]:
+    """The per-shard logs `state/<kind>-0000k.jsonl` written by Ray shard tasks."""
+    return sorted(p for p in state.glob(f"{kind}-*.jsonl")
+                  if re.fullmatch(rf"{kind}-\d{{5}}\.jsonl", p.name))
 
-    def __init__(self, pipe: Pipeline):
+
+class RunDir:
+    """The run directory's files; all appends are whole lines, fsynced per batch.
+
+    `RunDir(pipe)` is the whole run (the local executor, and the Ray driver): it holds
+    `state/lock`, appends to `state/done.jsonl` and `failures.jsonl`. `RunDir(pipe, shard=k)`
+    is one Ray shard task: it holds `state/lock-0000k`, writes only records-0000k-of-N.jsonl,
+    `state/done-0000k.jsonl` and `state/failures-0000k.jsonl` (one writer per file), and reads
+    `state/done.jsonl` (which nobody writes while shard tasks run). The whole-run `open()`
+    first folds any per-shard logs into done.jsonl / failures.jsonl, so both executors share
+    one layout and either can resume the other's run.
+    """
+
+    def __init__(self, pipe: Pipeline, shard: Optional[int] = None):
         self.pipe = pipe
+        self.shard = shard
         self.root = pipe.output
         self.state = self.root / "state"
-        self.done_path = self.state / "done.jsonl"
-        self.failures_path = self.root / "failures.jsonl"
+        self.main_done_path = self.state / "done.jsonl"
+        self.main_failures_path = self.root / "failures.jsonl"
+        if shard is None:
+            self.done_path = self.main_done_path
+            self.failures_path = self.main_failures_path
+        else:
+            self.done_path = self.state / f"done-{shard:05d}.jsonl"
+            self.failures_path = self.state / f"failures-{shard:05d}.jsonl"
         self.usage_path = self.root / "usage.json"
         self.shard_paths = [shard_path(self.root, k, pipe.shards) for k in range(pipe.shards)]
         self._lock_fd: Optional[int] = None
@@ -658,17 +688,31 @@ class RunDir:
         self.done: dict[str, str] = {}      # seed id -> "ok" | "failed"
         self.records_written = 0
         self.base_usage: dict = {}
+        # shard tasks: what this shard's own done log holds (all attempts of this run)
+        self.part = {"ok": 0, "failed": 0, "records": 0}
 
     # -- open / recover
+    def _lock(self, name: str, wait_s: float = 0.0) -> None:
+        self._lock_fd = os.open(str(self.state / name), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+                    what = "another run" if self.shard is None else \
+                        f"another task of shard {self.shard}"
+                    raise PipelineError(f"output: {what} is using {self.root}") from None
+                time.sleep(0.1)
+
     def open(self, retry_failed: bool = False) -> dict:
+        if self.shard is not None:
+            return self._open_shard()
         self.state.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(str(self.state / "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise PipelineError(f"output: another run is using {self.root}") from None
+        self._lock("lock")
 
         fp_path = self.state / "pipeline.json"
         fp = self.pipe.fingerprint()
@@ -682,29 +726,25 @@ class RunDir:
             _atomic_write(fp_path, (json.dumps(fp, indent=1) + "\n").encode())
 
         stats = {"truncated_bytes": 0, "dropped_records": 0, "dropped_failures": 0}
-        for p in [self.done_path, self.failures_path, *self.shard_paths]:
+        parts = _part_paths(self.state, "done") + _part_paths(self.state, "failures")
+        for p in [self.done_path, self.failures_path, *self.shard_paths, *parts]:
             stats["truncated_bytes"] += _truncate_partial_line(p)
         for other in self.root.glob("records-*-of-*.jsonl"):
             if other not in self.shard_paths:  # cannot happen with a matching fingerprint
                 raise PipelineError(f"output: {other} belongs to a run with another shard count")
+        self.consolidate()
 
         if retry_failed:
             _filter_log(self.done_path, lambda o: o.get("status") != "failed")
+        self.done.clear()
+        self.records_written = 0
         for _, obj in _read_jsonl(self.done_path):
             self.done[obj["seed_id"]] = obj["status"]
 
         # Drop outputs of seeds without a done marker (a crash between the two writes),
         # and any duplicate (defensive: cannot happen when markers follow their records).
         for p in self.shard_paths:
-            seen: set[str] = set()
-
-            def keep(o, seen=seen):
-                ok = (self.done.get(o.get("provenance", {}).get("seed_id")) == "ok"
-                      and o.get("id") not in seen)
-                seen.add(o.get("id"))
-                self.records_written += ok
-                return ok
-            stats["dropped_records"] += _filter_log(p, keep)
+            stats["dropped_records"] += self._drop_unmarked_records(p)
         seen_f: set[str] = set()
 
         def keep_f(o):
@@ -718,6 +758,80 @@ class RunDir:
                 self.base_usage = json.loads(self.usage_path.read_text()).get("total", {})
             except (json.JSONDecodeError, AttributeError):
                 self.base_usage = {}
+        return stats
+
+    def _drop_unmarked_records(self, p: Path) -> int:
+        seen: set[str] = set()
+
+        def keep(o):
+            ok = (self.done.get(o.get("provenance", {}).get("seed_id")) == "ok"
+                  and o.get("id") not in seen)
+            seen.add(o.get("id"))
+            self.records_written += ok
+            return ok
+        return _filter_log(p, keep)
+
+    def consolidate(self) -> int:
+        """Fold the per-shard logs of Ray shard tasks (state/done-0000k.jsonl,
+        state/failures-0000k.jsonl) into done.jsonl / failures.jsonl, then delete them; only
+        while no shard task runs (under `state/lock`). Idempotent: a crash mid-way leaves
+        duplicates that are skipped here and dropped by `open`. Returns the markers moved."""
+        assert self.shard is None
+        moved = 0
+        for part in _part_paths(self.state, "done") + _part_paths(self.state, "failures"):
+            _truncate_partial_line(part)
+        failed = {o["seed_id"] for p in [self.done_path, *_part_paths(self.state, "done")]
+                  for _, o in _read_jsonl(p) if o.get("status") == "failed"}
+        known_f = {o.get("seed_id") for _, o in _read_jsonl(self.failures_path)}
+        for part in _part_paths(self.state, "failures"):   # failures before their markers
+            lines = [line for line, o in _read_jsonl(part)
+                     if o.get("seed_id") not in known_f and o.get("seed_id") in failed]
+            known_f.update(json.loads(line).get("seed_id") for line in lines)
+            if lines:
+                self._append(self.failures_path, lines)
+            part.unlink()
+        known = {o["seed_id"]: o["status"] for _, o in _read_jsonl(self.done_path)}
+        for part in _part_paths(self.state, "done"):
+            new = []
+            for line, o in _read_jsonl(part):
+                if o["seed_id"] not in known:
+                    known[o["seed_id"]] = o["status"]
+                    new.append(line)
+                    if o["status"] == "ok" and o["seed_id"] not in self.done:
+                        self.records_written += int(o.get("records", 0))
+                    self.done[o["seed_id"]] = o["status"]
+            if new:
+                self._append(self.done_path, new)
+                moved += len(new)
+            part.unlink()
+        _fsync_dir(self.state)
+        return moved
+
+    def _open_shard(self) -> dict:
+        """A shard task's recovery: only its own files (the driver has folded and cleaned the
+        rest); a retried task (worker or node died) resumes like a restarted run."""
+        k = self.shard
+        self._lock(f"lock-{k:05d}", wait_s=60.0)   # a dying earlier attempt may still hold it
+        stats = {"truncated_bytes": 0, "dropped_records": 0, "dropped_failures": 0}
+        mine = self.shard_paths[k]
+        for p in (self.done_path, self.failures_path, mine):
+            stats["truncated_bytes"] += _truncate_partial_line(p)
+        for _, obj in _read_jsonl(self.main_done_path):
+            if shard_of(obj["seed_id"], self.pipe.shards) == k:
+                self.done[obj["seed_id"]] = obj["status"]
+        for _, obj in _read_jsonl(self.done_path):
+            if obj["seed_id"] not in self.done:
+                self.part[obj["status"]] += 1
+                self.part["records"] += int(obj.get("records", 0))
+            self.done[obj["seed_id"]] = obj["status"]
+        stats["dropped_records"] = self._drop_unmarked_records(mine)
+        seen_f: set[str] = set()
+
+        def keep_f(o):
+            ok = self.done.get(o.get("seed_id")) == "failed" and o.get("seed_id") not in seen_f
+            seen_f.add(o.get("seed_id"))
+            return ok
+        stats["dropped_failures"] = _filter_log(self.failures_path, keep_f)
         return stats
 
     def _append(self, path: Path, lines: list[bytes]) -> None:
@@ -743,6 +857,7 @@ class RunDir:
                                 "\n").encode())
             else:
                 k = shard_of(seed_id, self.pipe.shards)
+                assert self.shard is None or k == self.shard, (seed_id, k, self.shard)
                 per_shard.setdefault(k, []).extend(
                     scrub((json.dumps(r, ensure_ascii=False) + "\n").encode())
                     for r in records)
@@ -764,8 +879,10 @@ class RunDir:
             _die()
         for seed_id, records, failure in batch:
             self.done[seed_id] = "failed" if failure is not None else "ok"
+            self.part["failed" if failure is not None else "ok"] += 1
             if failure is None:
                 self.records_written += len(records)
+                self.part["records"] += len(records)
 
     def write_usage(self, usage: dict, extra: dict, scrub: Callable[[bytes], bytes]) -> None:
         total = dict(self.base_usage)
@@ -833,6 +950,111 @@ def _make_scrub(secret: Optional[str]) -> Callable[[bytes], bytes]:
     return lambda b: b.replace(s, b"***") if s in b else b
 
 
+async def _run_seeds(pipe: Pipeline, run: RunDir, ctx: StageContext,
+                     scrub: Callable[[bytes], bytes], counts: dict, *,
+                     select: Optional[Callable[[str], bool]] = None,
+                     on_flush: Optional[Callable[[], None]] = None,
+                     on_seed: Optional[Callable[[], None]] = None) -> None:
+    """Process every seed of the input not yet done in `run` (and, with `select`, only the
+    seeds it selects by id), `pipe.concurrency` at a time, committing finished seeds in
+    batches; `counts` (ok, failed, skipped, duplicate) is updated in place. Whatever
+    finished is committed even on error or cancellation."""
+    pending: list[tuple[str, list[dict], Optional[dict]]] = []
+
+    def flush() -> None:
+        if pending:
+            batch = pending[:]
+            pending.clear()
+            run.commit(batch, scrub)
+            if on_flush is not None:
+                on_flush()
+
+    seen: set[str] = set()
+    seeds = _iter_seeds(pipe.input)
+    stop = asyncio.Event()
+
+    def next_seed() -> Optional[tuple[str, dict]]:
+        for _, obj in seeds:
+            sid = seed_id_of(obj)
+            if select is not None and not select(sid):
+                continue
+            if sid in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(sid)
+            if sid in run.done:
+                counts["skipped"] += 1
+                continue
+            return sid, obj
+        return None
+
+    async def worker() -> None:
+        while True:
+            item = next_seed()
+            if item is None:
+                return
+            sid, obj = item
+            records, failure = await process_seed(pipe, obj, sid, ctx)
+            pending.append((sid, records, failure))
+            counts["failed" if failure else "ok"] += 1
+            if on_seed is not None:
+                on_seed()
+            if len(pending) >= pipe.batch_size:
+                flush()
+
+    async def flusher() -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), pipe.flush_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            flush()
+
+    flush_task = asyncio.create_task(flusher())
+    try:
+        workers = [asyncio.create_task(worker()) for _ in range(pipe.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+    finally:
+        stop.set()
+        flush_task.cancel()
+        await asyncio.gather(flush_task, return_exceptions=True)
+        flush()   # whatever finished, even on error / Ctrl-C
+
+
+def _summary(run: RunDir, counts: dict, seconds: float, usage: dict, pipe: Pipeline) -> dict:
+    n_failed = sum(1 for v in run.done.values() if v == "failed")
+    return {"seeds": len(run.done), "seeds_ok": len(run.done) - n_failed,
+            "seeds_failed": n_failed, "records": run.records_written,
+            "this_run": {"ok": counts["ok"], "failed": counts["failed"],
+                         "skipped": counts["skipped"], "duplicate_ids": counts["duplicate"],
+                         "seconds": round(seconds, 3)},
+            "usage": dict(usage), "output": str(pipe.output)}
+
+
+def _usage_extra(run: RunDir) -> dict:
+    n_failed = sum(1 for v in run.done.values() if v == "failed")
+    return {"seeds_done": len(run.done) - n_failed, "seeds_failed": n_failed,
+            "records": run.records_written}
+
+
+def _set_postfix(bar, failed: int, u: dict) -> None:
+    tokens = int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
+    bar.set_postfix(failed=failed, tokens=tokens, cost=f"${u.get('cost', 0.0):.4f}",
+                    cached=u.get("cache_hits", 0), refresh=False)
+
+
+def _log_resume(stats: dict, log: Callable[[str], None]) -> None:
+    if stats["truncated_bytes"] or stats["dropped_records"] or stats["dropped_failures"]:
+        log(f"resume: truncated {stats['truncated_bytes']} bytes of partial lines, dropped "
+            f"{stats['dropped_records']} records and {stats['dropped_failures']} failures "
+            f"of unfinished seeds")
+
+
 async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: bool = False,
                        teacher: Any = None, log: Callable[[str], None] = None) -> dict:
     """Run (or resume) a pipeline; returns a summary dict. `teacher` overrides the Teacher
@@ -842,11 +1064,7 @@ async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: b
     cache = None
     own_teacher = teacher is None
     try:
-        stats = run.open(retry_failed=retry_failed)
-        if stats["truncated_bytes"] or stats["dropped_records"] or stats["dropped_failures"]:
-            log(f"resume: truncated {stats['truncated_bytes']} bytes of partial lines, dropped "
-                f"{stats['dropped_records']} records and {stats['dropped_failures']} failures "
-                f"of unfinished seeds")
+        _log_resume(run.open(retry_failed=retry_failed), log)
         total = _count_lines(pipe.input)
         already = len(run.done)
         cfg = pipe.teacher_config()
@@ -867,20 +1085,7 @@ async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: b
                        smoothing=0.1, desc=pipe.output.name)
         counts = {"ok": 0, "failed": 0, "skipped": 0, "duplicate": 0}
         failed_before = sum(1 for v in run.done.values() if v == "failed")
-        pending: list[tuple[str, list[dict], Optional[dict]]] = []
         last_postfix = [0.0]
-
-        def usage_extra() -> dict:
-            n_failed = sum(1 for v in run.done.values() if v == "failed")
-            return {"seeds_done": len(run.done) - n_failed, "seeds_failed": n_failed,
-                    "records": run.records_written}
-
-        def flush() -> None:
-            if pending:
-                batch = pending[:]
-                pending.clear()
-                run.commit(batch, scrub)
-                run.write_usage(dict(teacher.usage), usage_extra(), scrub)
 
         def postfix(force: bool = False) -> None:
             if bar is None:
@@ -889,78 +1094,24 @@ async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: b
             if not force and t - last_postfix[0] < 0.25:
                 return
             last_postfix[0] = t
-            u = teacher.usage
-            tokens = int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
-            bar.set_postfix(failed=failed_before + counts["failed"], tokens=tokens, cost=f"${u.get('cost', 0.0):.4f}",
-                cached=u.get("cache_hits", 0), refresh=False)
+            _set_postfix(bar, failed_before + counts["failed"], teacher.usage)
 
-        seen: set[str] = set()
-        seeds = _iter_seeds(pipe.input)
-        stop = asyncio.Event()
+        def on_seed() -> None:
+            if bar is not None:
+                bar.update(1)
+                postfix()
 
-        def next_seed() -> Optional[tuple[str, dict]]:
-            for _, obj in seeds:
-                sid = seed_id_of(obj)
-                if sid in seen:
-                    counts["duplicate"] += 1
-                    continue
-                seen.add(sid)
-                if sid in run.done:
-                    counts["skipped"] += 1
-                    continue
-                return sid, obj
-            return None
-
-        async def worker() -> None:
-            while True:
-                item = next_seed()
-                if item is None:
-                    return
-                sid, obj = item
-                records, failure = await process_seed(pipe, obj, sid, ctx)
-                pending.append((sid, records, failure))
-                counts["failed" if failure else "ok"] += 1
-                if bar is not None:
-                    bar.update(1)
-                    postfix()
-                if len(pending) >= pipe.batch_size:
-                    flush()
-
-        async def flusher() -> None:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), pipe.flush_interval_s)
-                except asyncio.TimeoutError:
-                    pass
-                flush()
-
-        flush_task = asyncio.create_task(flusher())
         t0 = time.monotonic()
         try:
-            workers = [asyncio.create_task(worker()) for _ in range(pipe.concurrency)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await _run_seeds(pipe, run, ctx, scrub, counts, on_seed=on_seed,
+                             on_flush=lambda: run.write_usage(dict(teacher.usage),
+                                                              _usage_extra(run), scrub))
         finally:
-            stop.set()
-            flush_task.cancel()
-            await asyncio.gather(flush_task, return_exceptions=True)
-            flush()   # whatever finished, even on error / Ctrl-C
-            run.write_usage(dict(teacher.usage), usage_extra(), scrub)
+            run.write_usage(dict(teacher.usage), _usage_extra(run), scrub)
             if bar is not None:
                 postfix(force=True)
                 bar.close()
-        n_failed = sum(1 for v in run.done.values() if v == "failed")
-        summary = {"seeds": len(run.done), "seeds_ok": len(run.done) - n_failed,
-                   "seeds_failed": n_failed, "records": run.records_written,
-                   "this_run": {"ok": counts["ok"], "failed": counts["failed"],
-                                "skipped": counts["skipped"],
-                                "duplicate_ids": counts["duplicate"],
-                                "seconds": round(time.monotonic() - t0, 3)},
-                   "usage": dict(teacher.usage), "output": str(pipe.output)}
+        summary = _summary(run, counts, time.monotonic() - t0, teacher.usage, pipe)
         if counts["duplicate"]:
             log(f"input: {counts['duplicate']} seeds repeat an earlier seed id and were skipped")
         return summary
@@ -970,3 +1121,291 @@ async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: b
         if cache is not None:
             cache.close()
         run.close()
+
+
+# ---------------------------------------------------------------- the Ray executor
+#
+# `run_pipeline_ray` (python -m tools run PIPE.yaml --executor ray) runs the same pipeline with
+# one Ray task per output shard. The driver holds `state/lock`, recovers the run directory like
+# the local executor, scans the input once (duplicate and done seeds, which shards have work)
+# and submits a task for each shard with pending seeds. Task k reads the input itself, keeps
+# the seeds whose shard is k, and runs them through its own async Teacher (the shared SQLite
+# cache in the run directory: WAL, safe across processes and nodes of a POSIX shared
+# filesystem) with the local executor's batching; it is the only writer of
+# records-0000k-of-N.jsonl, state/done-0000k.jsonl and state/failures-0000k.jsonl (same
+# records-then-markers order, so the same crash safety; a task Ray retries after its worker or
+# node died recovers its own files first). A progress actor collects each task's done count
+# and teacher usage; the driver shows them in a tqdm bar and writes usage.json. At the end the
+# driver folds the per-shard logs into state/done.jsonl and failures.jsonl, so the finished run
+# directory has the local executor's layout and either executor can resume it.
+#
+# Each task gets the full teacher.concurrency and pipeline concurrency; requests_per_minute and
+# tokens_per_minute are split evenly over the tasks that can run at once (min(tasks, CPUs of
+# the cluster)), so the cluster as a whole stays under them. The API key is read from the
+# driver's environment and handed to the tasks as an argument (tasks on other nodes do not see
+# the driver's environment); a task puts it into its process environment only while it builds
+# its Teacher. The tasks import tools.pipeline: on a cluster, install phijax on the nodes.
+
+class _Secret:
+    """The API key in transit to a task; never shown in a repr, log or traceback."""
+
+    def __init__(self, value: Optional[str]):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "_Secret(***)"
+
+
+class _Progress:
+    """Ray actor: the shard tasks report here; the driver polls `snapshot`."""
+
+    def __init__(self):
+        self.part: dict[int, dict] = {}      # shard -> {ok, failed, records} in its done log
+        self.usage: dict[str, dict] = {}     # task attempt -> teacher usage
+
+    def update(self, shard: int, part: dict, attempt: str, usage: dict) -> None:
+        self.part[shard] = dict(part)
+        self.usage[attempt] = dict(usage)
+
+    def snapshot(self) -> dict:
+        return {"parts": self.part, "usages": self.usage}
+
+
+def _sum_usage(usages) -> dict:
+    total: dict = {}
+    for u in usages:
+        for k, v in u.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+async def _run_shard(pipe: Pipeline, shard: int, progress: Any, secret: _Secret) -> dict:
+    import uuid
+    run = RunDir(pipe, shard=shard)
+    cache = teacher = None
+    attempt = uuid.uuid4().hex
+    try:
+        run.open()
+        cfg = pipe.teacher_config()
+        scrub = _make_scrub(secret.value or os.environ.get(cfg.api_key_env))
+        from tools.teacher import Teacher
+        if pipe.cache is not None:
+            from tools.cache import Cache
+            cache = Cache(pipe.cache)
+        name = cfg.api_key_env
+        old = os.environ.get(name)
+        if secret.value:
+            os.environ[name] = secret.value
+        try:
+            teacher = Teacher(cfg, cache=cache)
+        finally:
+            if secret.value:
+                if old is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = old
+        ctx = StageContext(teacher=teacher, model=cfg.model)
+        counts = {"ok": 0, "failed": 0, "skipped": 0, "duplicate": 0}
+
+        def report() -> None:
+            if progress is not None:
+                progress.update.remote(shard, run.part, attempt, teacher.usage)
+
+        report()
+        try:
+            await _run_seeds(pipe, run, ctx, scrub, counts, on_flush=report,
+                             select=lambda sid: shard_of(sid, pipe.shards) == shard)
+        finally:
+            report()
+        return {"shard": shard, "part": dict(run.part), "attempt": attempt,
+                "usage": dict(teacher.usage)}
+    finally:
+        if teacher is not None:
+            await teacher.aclose()
+        if cache is not None:
+            cache.close()
+        run.close()
+
+
+def _shard_task(pipe: Pipeline, shard: int, progress: Any, secret: _Secret) -> dict:
+    """The body of a Ray task: process the pending seeds of one output shard."""
+    return asyncio.run(_run_shard(pipe, shard, progress, secret))
+
+
+def _absolute(pipe: Pipeline) -> Pipeline:
+    """Tasks may run in another working directory (or node): resolve paths on the driver."""
+    return dataclasses.replace(
+        pipe, input=pipe.input.resolve(), output=pipe.output.resolve(),
+        cache=pipe.cache.resolve() if pipe.cache is not None else None)
+
+
+def _one_line_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".strip()
+
+
+def run_pipeline_ray(pipe: Pipeline, *, progress: bool = True, retry_failed: bool = False,
+                     num_cpus: Optional[int] = None, task_num_cpus: float = 1.0,
+                     poll_s: float = 0.25, log: Callable[[str], None] = None) -> dict:
+    """Run (or resume) a pipeline on Ray, one task per output shard; same records, same
+    run directory and same summary as `run_pipeline`. Uses the Ray instance this process is
+    connected to, else `ray.init()`: the cluster at RAY_ADDRESS, or a new local instance
+    with `num_cpus` (default: all) that is shut down at the end."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError("ray is not installed; pip install ray") from None
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    pipe = _absolute(pipe)
+    run = RunDir(pipe)
+    started = False
+    refs: dict[Any, int] = {}
+    try:
+        _log_resume(run.open(retry_failed=retry_failed), log)
+        cfg = pipe.teacher_config()
+        api_key = os.environ.get(cfg.api_key_env) or None
+        scrub = _make_scrub(api_key)
+
+        # One pass over the input: duplicates, done seeds, and which shards have work.
+        counts = {"ok": 0, "failed": 0, "skipped": 0, "duplicate": 0}
+        todo: dict[int, int] = {}
+        seen: set[str] = set()
+        total = 0
+        for _, obj in _iter_seeds(pipe.input):
+            total += 1
+            sid = seed_id_of(obj)
+            if sid in seen:
+                counts["duplicate"] += 1
+            elif sid in run.done:
+                counts["skipped"] += 1
+            else:
+                k = shard_of(sid, pipe.shards)
+                todo[k] = todo.get(k, 0) + 1
+            seen.add(sid)
+        del seen
+        already = len(run.done)
+        failed_before = sum(1 for v in run.done.values() if v == "failed")
+        base_records = run.records_written
+
+        if todo and not ray.is_initialized():
+            try:
+                if os.environ.get("RAY_ADDRESS"):   # an existing cluster
+                    ray.init(log_to_driver=False)
+                else:
+                    ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
+                             include_dashboard=False, log_to_driver=False)
+            except Exception as e:
+                raise PipelineError(f"ray: cannot start or connect "
+                                    f"({_one_line_error(e)})") from None
+            started = True
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=already, unit="seed", dynamic_ncols=True,
+                       smoothing=0.1, desc=pipe.output.name)
+        snap: dict = {"part": {"ok": 0, "failed": 0, "records": 0}, "usage": {}}
+
+        def extra() -> dict:
+            p = snap["part"]
+            n_failed = failed_before + p["failed"]
+            return {"seeds_done": already - failed_before + p["ok"], "seeds_failed": n_failed,
+                    "records": base_records + p["records"]}
+
+        t0 = time.monotonic()
+        actor = None
+        parts: dict[int, dict] = {}        # shard -> its done log's {ok, failed, records}
+        usages: dict[str, dict] = {}       # task attempt -> teacher usage
+        ended = True
+
+        def merge(s: dict) -> None:   # every number only grows: keep the latest = largest
+            for src, dst in ((s["parts"], parts), (s["usages"], usages)):
+                for key, d in src.items():
+                    old = dst.setdefault(key, {})
+                    for name, v in d.items():
+                        old[name] = max(old.get(name, v), v)
+            p = {"ok": 0, "failed": 0, "records": 0}
+            for q in parts.values():
+                for key in p:
+                    p[key] += q.get(key, 0)
+            snap["part"], snap["usage"] = p, _sum_usage(usages.values())
+
+        try:
+            if todo:
+                parallel = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1)
+                                                       // max(task_num_cpus, 1e-3))))
+                teacher_kw = dict(pipe.teacher)
+                for key in ("requests_per_minute", "tokens_per_minute"):
+                    if teacher_kw.get(key):
+                        teacher_kw[key] = teacher_kw[key] / parallel
+                task_pipe = dataclasses.replace(pipe, teacher=teacher_kw)
+                actor = ray.remote(num_cpus=0)(_Progress).remote()
+                task = ray.remote(num_cpus=task_num_cpus, max_retries=3,
+                                  retry_exceptions=False)(_shard_task)
+                secret = _Secret(api_key)
+                ended = False
+                for k in sorted(todo, key=lambda k: -todo[k]):   # biggest shards first
+                    refs[task.remote(task_pipe, k, actor, secret)] = k
+                waiting = list(refs)
+                last_usage = 0.0
+                error: Optional[BaseException] = None
+                try:
+                    while waiting:
+                        ready, waiting = ray.wait(waiting, num_returns=len(waiting),
+                                                  timeout=poll_s)
+                        merge(ray.get(actor.snapshot.remote()))
+                        for ref in ready:
+                            try:
+                                res = ray.get(ref)
+                                merge({"parts": {res["shard"]: res["part"]},
+                                       "usages": {res["attempt"]: res["usage"]}})
+                            except Exception as e:   # failed for good: stop the others
+                                if error is None:
+                                    error = getattr(e, "cause", None) or e
+                                    for other in waiting:
+                                        ray.cancel(other)
+                        if bar is not None:
+                            p = snap["part"]
+                            _set_postfix(bar, failed_before + p["failed"], snap["usage"])
+                            if already + p["ok"] + p["failed"] > bar.n:
+                                bar.update(already + p["ok"] + p["failed"] - bar.n)
+                        if time.monotonic() - last_usage > 1.0:
+                            last_usage = time.monotonic()
+                            run.write_usage(snap["usage"], extra(), scrub)
+                    ended = True
+                except KeyboardInterrupt:
+                    for ref in refs:   # tasks commit what they finished, as with Ctrl-C locally
+                        ray.cancel(ref)
+                    _, left = ray.wait(list(refs), num_returns=len(refs), timeout=30)
+                    ended = not left
+                    raise
+                if error is not None:
+                    if isinstance(error, PipelineError):
+                        raise error
+                    raise PipelineError(f"ray: shard task failed: {_one_line_error(error)}")
+        finally:
+            if actor is not None:
+                try:
+                    merge(ray.get(actor.snapshot.remote(), timeout=10))
+                except Exception:
+                    pass
+            counts["ok"], counts["failed"] = snap["part"]["ok"], snap["part"]["failed"]
+            if ended:   # no task writes any more: fold their logs into the main ones
+                run.consolidate()
+            run.write_usage(snap["usage"], _usage_extra(run) if ended else extra(), scrub)
+            if bar is not None:
+                bar.update(already + snap["part"]["ok"] + snap["part"]["failed"] - bar.n)
+                _set_postfix(bar, failed_before + snap["part"]["failed"], snap["usage"])
+                bar.close()
+        summary = _summary(run, counts, time.monotonic() - t0, snap["usage"], pipe)
+        summary["usage"] = {**dict(requests=0, cache_hits=0, retries=0, failures=0,
+                                   prompt_tokens=0, completion_tokens=0, cost=0.0),
+                            **snap["usage"]}
+        if counts["duplicate"]:
+            log(f"input: {counts['duplicate']} seeds repeat an earlier seed id and were skipped")
+        return summary
+    finally:
+        run.close()
+        if started:
+            ray.shutdown()
