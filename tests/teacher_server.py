@@ -18,6 +18,10 @@ is injected instead of the answer:
   "truncated"  200 with fewer than n choices, or (n == 1) a choice whose content is null
   "400"        400 invalid_request_error (never drawn at random; use `script`)
 
+`responder(messages, n, i) -> str`, when given, replaces the echo: it is called (in the
+server's handler thread) for each choice i of n with the request's messages and its string is
+that choice's content, so tests can script answers per prompt (an exception answers 500).
+
 `script` is a list of fault names (or None for a normal answer) served, in order, to the first
 requests, before the random faults apply. `stats` (thread-safe) counts requests, answers ("ok")
 and faults by kind, and keeps the Authorization headers seen.
@@ -138,7 +142,16 @@ class _Handler(BaseHTTPRequestHandler):
         last = next((m.get("content") for m in reversed(req.get("messages") or [])
                      if m.get("role") == "user"), "")
         content = "echo: " + (last if isinstance(last, str) else json.dumps(last))
-        choices = [{"index": i, "message": {"role": "assistant", "content": content},
+        contents = [content] * n
+        if cfg["responder"] is not None:
+            try:
+                contents = [cfg["responder"](list(req.get("messages") or []), n, i)
+                            for i in range(n)]
+            except Exception as e:  # a broken test script: a 500 the client can report
+                body = {"error": {"message": f"responder: {type(e).__name__}: {e}",
+                                  "type": "server_error"}}
+                return self._send(500, json.dumps(body).encode())
+        choices = [{"index": i, "message": {"role": "assistant", "content": contents[i]},
                     "finish_reason": "stop", "logprobs": None} for i in range(n)]
         if fault == "empty":
             choices = []
@@ -149,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
                 choices[0]["message"]["content"] = None
                 choices[0]["finish_reason"] = "length"
         prompt_tokens = sum(len(str(m.get("content") or "")) for m in req.get("messages") or []) // 4 + 1
-        completion_tokens = n * (len(content) // 4 + 1)
+        completion_tokens = sum(len(c) // 4 + 1 for c in contents)
         body = {"id": f"chatcmpl-{stats.requests}", "object": "chat.completion",
                 "created": int(time.time()), "model": req.get("model", "echo"), "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -184,12 +197,12 @@ class ServerHandle:
 def start_server(delay_s: float = 0.0, fault_rate: float = 0.0, seed: int = 0, *,
                  faults: tuple[str, ...] = FAULTS, retry_after_s: float = 0.05,
                  hang_s: float = 1.0, script: list | None = None,
-                 host: str = "127.0.0.1") -> ServerHandle:
+                 host: str = "127.0.0.1", responder=None) -> ServerHandle:
     server = _Server((host, 0), _Handler)
     server.stats = ServerStats()  # type: ignore[attr-defined]
     server.cfg = dict(delay_s=delay_s, fault_rate=fault_rate, rng=random.Random(seed),  # type: ignore[attr-defined]
                       faults=tuple(faults), retry_after_s=retry_after_s, hang_s=hang_s,
-                      script=list(script or []))
+                      script=list(script or []), responder=responder)
     thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
                               name="teacher-server", daemon=True)
     thread.start()

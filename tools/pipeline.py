@@ -1409,3 +1409,5 @@ def run_pipeline_ray(pipe: Pipeline, *, progress: bool = True, retry_failed: boo
         run.close()
         if started:
             ray.shutdown()
+
+from tools import stages as _stages  # noqa: E402,F401  (registers difficulty, self_revise, verify_code)
