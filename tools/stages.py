@@ -12,6 +12,15 @@ Registered in `tools.pipeline.STAGES` on import (tools.pipeline imports this mod
 * `verify_code`: run the record's `code` + `tests` together in the sandbox
   (`tools.sandbox.run_python`); pass -> `verified: true`; fail -> up to `repair_rounds`
   teacher repairs (the error output in, a ```python block out), re-run; still failing -> drop.
+* `rewrite`: a seed passage becomes an exercise, a discussion or a structured reasoning task
+  with a worked solution (`kind`, one or a list: one record per kind); `instruction` and
+  `response` are parsed from the reply's "### Problem" / "### Solution" sections.
+* `qa_extract`: "Q: ... / A: ..." pairs from a passage, one record per pair.
+* `reverse_instruction`: code -> instruction -> regenerated code; keeps (instruction, original
+  code) when the fidelity (tests of the original on the regeneration, plus difflib similarity
+  of normalised code) reaches `threshold`.
+* `decontaminate`: drops records whose text hits a saved `tools.decontam` index, counting hits
+  by benchmark.
 
 Prompt templates are data files in `tools/templates/` (`difficulty.txt`, `critique.txt`,
 `revise.txt`, `repair.txt`; each stage takes `*_file` params to use other files). They are
@@ -32,13 +41,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from tools.pipeline import (Stage, StageContext, StageError, _canonical, _check,
+from tools.pipeline import (PipelineError, Stage, StageContext, StageError, _canonical, _check,
                             _child, _lookup, _sha256, register_stage, render_template)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 __all__ = ["TEMPLATES", "DifficultyStage", "SelfReviseStage", "VerifyCodeStage", "parse_verdict",
-           "extract_python"]
+           "extract_python", "RewriteStage", "QAExtractStage", "ReverseInstructionStage",
+           "DecontaminateStage", "parse_problem_solution", "parse_qa_pairs", "normalise_code",
+           "code_similarity", "REWRITE_KINDS"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -360,3 +371,324 @@ class VerifyCodeStage(_TemplatedStage):
         out[self.code_field] = code
         out["verified"] = True
         return [out]
+
+
+# ---------------------------------------------------------------- rewriting seeds
+
+REWRITE_KINDS = ("exercise", "discussion", "reasoning")
+_SECTION = re.compile(r"^[ \t]*#{1,6}[ \t]*(Problem|Solution)[ \t]*:?[ \t]*$", re.I | re.M)
+
+
+def parse_problem_solution(text: str) -> Optional[tuple[str, str]]:
+    """(problem, solution) from a reply with a "### Problem" section followed by a
+    "### Solution" section (any heading level; text before the first heading is ignored);
+    None when either is missing, empty, repeated or out of order."""
+    marks = list(_SECTION.finditer(text or ""))
+    names = [m[1].lower() for m in marks]
+    if names != ["problem", "solution"]:
+        return None
+    problem = text[marks[0].end():marks[1].start()].strip()
+    solution = text[marks[1].end():].strip()
+    return (problem, solution) if problem and solution else None
+
+
+@register_stage("rewrite")
+class RewriteStage(_TemplatedStage):
+    """A seed becomes an exercise, a discussion or a structured reasoning task with a worked
+    solution (one teacher call per kind).
+
+    params: field ("text", the seed passage, `{text}` in the templates), kind ("reasoning";
+    one of exercise | discussion | reasoning, or a list of them: one output record per kind,
+    choice = its position in the list), exercise_file / discussion_file / reasoning_file
+    (default tools/templates/rewrite_<kind>.txt), temperature (0.7), max_tokens, seed, params.
+    Output fields: `instruction` (the problem), `response` (the solution), `rewrite_kind`.
+    A reply without a "### Problem" then a "### Solution" section yields no record for that
+    kind (`stats["dropped_unparsed"]`).
+    """
+    KEYS = {"field", "kind"} | {f"{k}_file" for k in REWRITE_KINDS} | _TemplatedStage.SAMPLING
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "rewrite")
+        self.field = _field(params, "field", "text", key)
+        kind = params.get("kind", "reasoning")
+        kinds = [kind] if isinstance(kind, str) else kind
+        _check(isinstance(kinds, list) and kinds and len(set(kinds)) == len(kinds)
+               and all(k in REWRITE_KINDS for k in kinds), f"{key}.kind",
+               f"expected one of {', '.join(REWRITE_KINDS)} or a list of distinct ones, "
+               f"got {kind!r}")
+        self.kinds = list(kinds)
+        self._sampling(params, key, 0.7)
+        self._templates(params, key, {k: (f"{k}_file", f"rewrite_{k}.txt") for k in self.kinds})
+
+    @property
+    def fingerprint(self) -> dict:
+        return {**self._base_fingerprint(), "field": self.field, "kinds": self.kinds}
+
+    async def _one(self, record: dict, ctx: StageContext, choice: int, kind: str,
+                   text: str) -> list[dict]:
+        (reply,) = await self._ask(ctx, kind, dict(record, text=text))
+        parsed = parse_problem_solution(reply)
+        if parsed is None:
+            self.stats["dropped_unparsed"] += 1
+            return []
+        self.stats[f"kept_{kind}"] += 1
+        out = _child(record, self, choice, template_sha256=self.template_sha256,
+                     templates={kind: self.template_shas[kind]}, model=ctx.model, kind=kind)
+        out.update(instruction=parsed[0], response=parsed[1], rewrite_kind=kind)
+        return [out]
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        text = _get(record, self.field)
+        outs = await asyncio.gather(*(self._one(record, ctx, i, kind, text)
+                                      for i, kind in enumerate(self.kinds)))
+        return [o for out in outs for o in out]
+
+
+# ---------------------------------------------------------------- Q&A extraction
+
+_QA_LINE = re.compile(r"^[ \t]*[*_]*(Q|A)[*_]*[ \t]*[:.)][*_]*[ \t]?(.*)$", re.I)
+
+
+def parse_qa_pairs(text: str) -> Optional[list[tuple[str, str]]]:
+    """[(question, answer)] from lines "Q: ..." / "A: ..." (either may continue on following
+    lines; text before the first "Q:" is ignored). None when the reply is malformed: no pair,
+    an answer without its question, a question without an answer, or an empty part."""
+    pairs: list[list[str]] = []
+    state = None   # None before the first Q, then "Q" or "A": where continuation lines go
+    for line in (text or "").splitlines():
+        m = _QA_LINE.match(line)
+        if m:
+            tag = m[1].upper()
+            if tag == "Q":
+                if state == "Q":
+                    return None
+                pairs.append([m[2], ""])
+            else:
+                if state != "Q":
+                    return None
+                pairs[-1][1] = m[2]
+            state = tag
+        elif state is not None:
+            i = 0 if state == "Q" else 1
+            pairs[-1][i] += "\n" + line
+    if not pairs or state != "A":
+        return None
+    out = [(q.strip(), a.strip()) for q, a in pairs]
+    return out if all(q and a for q, a in out) else None
+
+
+@register_stage("qa_extract")
+class QAExtractStage(_TemplatedStage):
+    """Question/answer pairs from a passage: one teacher call, one record per pair.
+
+    params: field ("text", `{text}` in the template), max_pairs (none: all), template_file
+    (default tools/templates/qa_extract.txt), temperature (0.3), max_tokens, seed, params.
+    Output fields `question`, `answer`; the record id ends in /<pair index> (stable across
+    reruns of the same reply). A malformed reply (see `parse_qa_pairs`) yields nothing
+    (`stats["dropped_malformed"]`).
+    """
+    KEYS = {"field", "max_pairs", "template_file"} | _TemplatedStage.SAMPLING
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "qa_extract")
+        self.field = _field(params, "field", "text", key)
+        self.max_pairs = None if params.get("max_pairs") is None else \
+            _int(params, "max_pairs", 0, key, 1)
+        self._sampling(params, key, 0.3)
+        self._templates(params, key, {"qa_extract": ("template_file", "qa_extract.txt")})
+
+    @property
+    def fingerprint(self) -> dict:
+        return {**self._base_fingerprint(), "field": self.field, "max_pairs": self.max_pairs}
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        text = _get(record, self.field)
+        (reply,) = await self._ask(ctx, "qa_extract", dict(record, text=text))
+        pairs = parse_qa_pairs(reply)
+        if pairs is None:
+            self.stats["dropped_malformed"] += 1
+            return []
+        pairs = pairs[:self.max_pairs] if self.max_pairs else pairs
+        self.stats["pairs"] += len(pairs)
+        outs = []
+        for i, (q, a) in enumerate(pairs):
+            out = _child(record, self, i, template_sha256=self.template_sha256,
+                         templates=dict(self.template_shas), model=ctx.model, pairs=len(pairs))
+            out.update(question=q, answer=a)
+            outs.append(out)
+        return outs
+
+
+# ---------------------------------------------------------------- instruction reversal
+
+def normalise_code(code: str) -> str:
+    """Python code without comments, docstring-free formatting differences or blank lines:
+    `ast.unparse(ast.parse(code))` when it parses, else stripped non-empty lines with `#`
+    comments removed; used for the similarity part of the fidelity score."""
+    import ast
+    try:
+        return ast.unparse(ast.parse(code)).strip()
+    except (SyntaxError, ValueError, RecursionError):
+        lines = (re.sub(r"\s+#.*$|^\s*#.*$", "", l).rstrip() for l in code.splitlines())
+        return "\n".join(l for l in lines if l.strip())
+
+
+def code_similarity(a: str, b: str) -> float:
+    """difflib ratio of the two normalised programs, in [0, 1]."""
+    import difflib
+    return difflib.SequenceMatcher(None, normalise_code(a), normalise_code(b),
+                                   autojunk=False).ratio()
+
+
+@register_stage("reverse_instruction")
+class ReverseInstructionStage(_TemplatedStage):
+    """Instruction reversal: code -> teacher writes the instruction -> teacher regenerates code
+    from the instruction alone -> keep (instruction, original code) when the regeneration is
+    faithful.
+
+    params: code_field ("code"), tests_field ("tests"; optional in the record), threshold
+    (0.7), test_weight (0.5), instruction_file / regenerate_file (default
+    tools/templates/reverse_instruction.txt and reverse_regenerate.txt), cpu_seconds (10),
+    wall_seconds (20), memory_mb (512), temperature (0.2), max_tokens, seed, params.
+
+    fidelity = test_weight * tests_passed + (1 - test_weight) * similarity when the record has
+    tests (the original's tests run on the regenerated code in the sandbox, 1 or 0), else the
+    similarity alone (`code_similarity`, difflib on normalised code). Kept records get
+    `instruction`, `response` (the original code) and `fidelity`; provenance keeps the
+    regenerated code, similarity and tests_passed. A regeneration without a code block scores 0.
+    """
+    KEYS = {"code_field", "tests_field", "threshold", "test_weight", "instruction_file",
+            "regenerate_file", "cpu_seconds", "wall_seconds", "memory_mb"} \
+        | _TemplatedStage.SAMPLING
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "reverse_instruction")
+        self.code_field = _field(params, "code_field", "code", key)
+        self.tests_field = _field(params, "tests_field", "tests", key)
+        self.threshold = _num(params, "threshold", 0.7, key)
+        _check(self.threshold <= 1.0, f"{key}.threshold", "expected a number in [0, 1]")
+        self.test_weight = _num(params, "test_weight", 0.5, key)
+        _check(self.test_weight <= 1.0, f"{key}.test_weight", "expected a number in [0, 1]")
+        from tools.sandbox import Limits
+        self.limits = Limits(cpu_seconds=_num(params, "cpu_seconds", 10, key, positive=True),
+                             wall_seconds=_num(params, "wall_seconds", 20, key, positive=True),
+                             memory_mb=_int(params, "memory_mb", 512, key, 16))
+        self._sampling(params, key, 0.2)
+        self._templates(params, key, {
+            "instruction": ("instruction_file", "reverse_instruction.txt"),
+            "regenerate": ("regenerate_file", "reverse_regenerate.txt")})
+
+    @property
+    def fingerprint(self) -> dict:
+        return {**self._base_fingerprint(), "code_field": self.code_field,
+                "tests_field": self.tests_field, "threshold": self.threshold,
+                "test_weight": self.test_weight,
+                "limits": [self.limits.cpu_seconds, self.limits.wall_seconds,
+                           self.limits.memory_mb]}
+
+    async def _passes(self, code: str, tests: str) -> bool:
+        from tools.sandbox import SandboxError, run_python
+        try:
+            result = await asyncio.to_thread(run_python, code + "\n\n" + tests,
+                                             limits=self.limits)
+        except SandboxError as e:
+            raise StageError(f"sandbox: {e}") from None
+        return result.ok
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        code = _get(record, self.code_field)
+        tests = record.get(self.tests_field)
+        if not isinstance(code, str) or not (tests is None or isinstance(tests, str)):
+            raise StageError(f"record {record.get('id')!r}: {self.code_field!r} (and "
+                             f"{self.tests_field!r}, when given) must be strings")
+        has_tests = bool(tests and tests.strip())
+        (instruction,) = await self._ask(ctx, "instruction", dict(record, code=code))
+        instruction = instruction.strip()
+        if not instruction:
+            self.stats["dropped_no_instruction"] += 1
+            return []
+        (reply,) = await self._ask(ctx, "regenerate",
+                                   dict(record, code=code, instruction=instruction))
+        regenerated = extract_python(reply)
+        if regenerated is None:
+            similarity, passed = 0.0, False if has_tests else None
+        else:
+            similarity = code_similarity(code, regenerated)
+            passed = await self._passes(regenerated, tests) if has_tests else None
+        fidelity = (self.test_weight * float(passed) + (1 - self.test_weight) * similarity
+                    if has_tests else similarity)
+        if fidelity < self.threshold:
+            self.stats["dropped_low_fidelity"] += 1
+            return []
+        self.stats["kept"] += 1
+        out = self._out(record, ctx, regenerated=regenerated, similarity=round(similarity, 6),
+                        tests_passed=passed, fidelity=round(fidelity, 6))
+        out.update(instruction=instruction, response=code, fidelity=round(fidelity, 6))
+        return [out]
+
+
+# ---------------------------------------------------------------- decontamination
+
+@register_stage("decontaminate")
+class DecontaminateStage(Stage):
+    """Drop records whose text hits a saved decontamination index (`tools.decontam`).
+
+    params: index (required: a path written by `Index.save` / `python -m tools.decontam
+    build`), field ("text", or a list of fields joined by newlines; lists inside a field are
+    flattened). Kept records pass unchanged (same id). `stats`: kept, dropped_contaminated;
+    `hits_by_benchmark` / `hits_by_kind` count the dropped records (this process's share).
+    The index file's sha256 is part of the stage fingerprint.
+    """
+    KEYS = {"index", "field"}
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "decontaminate")
+        path = params.get("index")
+        _check(isinstance(path, str) and path, f"{key}.index",
+               "required: path of a saved decontamination index")
+        _check(Path(path).is_file(), f"{key}.index", f"file {path} does not exist")
+        field = params.get("field", "text")
+        self.fields = [field] if isinstance(field, str) else field
+        _check(isinstance(self.fields, list) and self.fields
+               and all(isinstance(f, str) and f and f not in ("id", "provenance")
+                       for f in self.fields), f"{key}.field",
+               "expected a field name or a list of them (not id/provenance)")
+        from tools.decontam import Index
+        try:
+            self.index = Index.load(path)
+        except Exception as e:  # noqa: BLE001 - a bad file is a config error
+            raise PipelineError(f"{key}.index: cannot load {path}: {e}") from None
+        import hashlib
+        self.index_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.stats: Counter = Counter()
+        self.hits_by_benchmark: Counter = Counter()
+        self.hits_by_kind: Counter = Counter()
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "type": self.type, "fields": self.fields,
+                "index_sha256": self.index_sha256}
+
+    def text(self, record: dict) -> str:
+        parts = []
+        for f in self.fields:
+            v = _get(record, f)
+            if isinstance(v, (list, tuple)):
+                parts.extend(str(x) for x in v)
+            elif v is not None:
+                parts.append(v if isinstance(v, str) else str(v))
+        return "\n".join(parts)
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        hit = self.index.check(self.text(record))
+        if hit is None:
+            self.stats["kept"] += 1
+            return [record]
+        self.stats["dropped_contaminated"] += 1
+        self.hits_by_benchmark[hit.benchmark] += 1
+        self.hits_by_kind[hit.kind] += 1
+        return []
