@@ -55,24 +55,9 @@ from sklearn.utils.murmurhash import murmurhash3_32
 __all__ = ["SCORE_PROMPT", "parse_score", "QualityConfig", "QualityClassifier", "featurize",
            "keep", "agreement", "print_agreement", "main"]
 
-SCORE_PROMPT = """\
-You are rating documents for training a language model that should learn to reason.
-Rate the document below for its educational and reasoning value on a scale of 0 to 5:
-
-0 - spam, advertising, boilerplate, navigation menus, or unreadable text
-1 - mostly noise; little coherent information
-2 - some information, but shallow, fragmentary or promotional
-3 - coherent and informative; explains facts or procedures a student could learn from
-4 - clearly educational: definitions, explanations, worked steps, or well-commented code
-5 - outstanding: rigorous reasoning, derivations or problem solving, like a good textbook
-
-Judge the content, not its formatting or length. Write at most two sentences of justification,
-then end with a final line of the form "Score: N" where N is a single integer from 0 to 5.
-
-Document:
-<<<
-{text}
->>>"""
+# The teacher prompt lives in tools/templates/quality_score.txt (one source of truth: the
+# `quality_label` stage in tools.stages renders the same file).
+SCORE_PROMPT = (Path(__file__).resolve().parent / "templates" / "quality_score.txt").read_text()
 
 _SCORE_RE = re.compile(r"score\s*[:=]\s*\**\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*5)?", re.IGNORECASE)
 

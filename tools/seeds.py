@@ -7,6 +7,12 @@
 * `dedup(records)` -- exact (normalised-text hash) and near-duplicate (MinHash LSH) removal,
   keeping the first occurrence.
 
+CLI (seed extraction on its own, JSONL in and out; see `main`)::
+
+    python -m tools.seeds chunk IN.jsonl OUT.jsonl [--field text] [--max-tokens 512]
+    python -m tools.seeds code  IN.jsonl OUT.jsonl [--source-field text] [--path-field path]
+    python -m tools.seeds dedup IN.jsonl OUT.jsonl [--field text] [--threshold 0.8]
+
 Chunking rule (`chunk_document`):
 
 1. The text is cut into sections at markdown ATX headings (`#`..`######` + space + text);
@@ -38,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["chunk_document", "count_words", "CodeUnit", "code_units", "language_of",
-           "forum_questions", "normalise_text", "DedupReport", "dedup"]
+           "forum_questions", "normalise_text", "DedupReport", "dedup", "main"]
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -395,3 +401,82 @@ def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
         kept.append(rec)
     report.kept = len(kept)
     return kept, report
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path, records: Iterable[dict]) -> int:
+    n = 0
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tools.seeds chunk|code|dedup IN.jsonl OUT.jsonl [options]`.
+
+    * chunk: each record's `--field` (default text) split by `chunk_document` (`--max-tokens`,
+      words); one record per chunk, other fields kept, id `<id>/chunk/<i>` (`--id-field`,
+      default id; the line number when absent), plus `source_id` and `chunk_index`.
+    * code: records with a source file (`--source-field`, default text) and its `--path-field`
+      (default path) -> one `CodeUnit.to_record()` per unit.
+    * dedup: drop exact and near duplicates of `--field` (`--threshold`, default 0.8), keeping
+      the first; the report (counts) is printed as JSON.
+    """
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("chunk", "code", "dedup"):
+        p = sub.add_parser(name)
+        p.add_argument("input")
+        p.add_argument("output")
+        if name in ("chunk", "dedup"):
+            p.add_argument("--field", default="text")
+        if name in ("chunk", "code"):
+            p.add_argument("--max-tokens", type=int, default=512)
+        if name == "chunk":
+            p.add_argument("--id-field", default="id")
+        if name == "code":
+            p.add_argument("--source-field", default="text")
+            p.add_argument("--path-field", default="path")
+        if name == "dedup":
+            p.add_argument("--threshold", type=float, default=0.8)
+    args = ap.parse_args(argv)
+    try:
+        records = _read_jsonl(args.input)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "chunk":
+        out = []
+        for n, rec in enumerate(records):
+            rid = rec.get(args.id_field, n)
+            for i, chunk in enumerate(chunk_document(rec.get(args.field) or "",
+                                                     max_tokens=args.max_tokens)):
+                out.append(dict(rec, **{args.id_field: f"{rid}/chunk/{i}", args.field: chunk},
+                                source_id=rid, chunk_index=i))
+        report = {"records": len(records), "chunks": _write_jsonl(args.output, out)}
+    elif args.cmd == "code":
+        out = [u.to_record() for rec in records
+               for u in code_units(rec.get(args.source_field) or "",
+                                   str(rec.get(args.path_field) or "unknown"),
+                                   max_tokens=args.max_tokens)]
+        report = {"files": len(records), "units": _write_jsonl(args.output, out)}
+    else:
+        kept, rep = dedup(records, text_key=args.field, threshold=args.threshold)
+        _write_jsonl(args.output, kept)
+        report = rep.as_dict()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,12 @@ Registered in `tools.pipeline.STAGES` on import (tools.pipeline imports this mod
   of normalised code) reaches `threshold`.
 * `decontaminate`: drops records whose text hits a saved `tools.decontam` index, counting hits
   by benchmark.
+* `quality_label`: the teacher scores the text 0-5 with `tools/templates/quality_score.txt`
+  (= `tools.quality.SCORE_PROMPT`) -> `quality_score`; an unparsable reply drops the record.
+* `quality_filter`: a saved `tools.quality.QualityClassifier` scores the text; records with
+  P(high quality) >= `threshold` are kept with `quality_prob`.
+* `chunk`: the text split by `tools.seeds.chunk_document` (`max_tokens`), one record per chunk
+  (no teacher). Corpus-wide dedup is `python -m tools.seeds dedup`, not a stage.
 
 Prompt templates are data files in `tools/templates/` (`difficulty.txt`, `critique.txt`,
 `revise.txt`, `repair.txt`; each stage takes `*_file` params to use other files). They are
@@ -49,7 +55,8 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 __all__ = ["TEMPLATES", "DifficultyStage", "SelfReviseStage", "VerifyCodeStage", "parse_verdict",
            "extract_python", "RewriteStage", "QAExtractStage", "ReverseInstructionStage",
            "DecontaminateStage", "parse_problem_solution", "parse_qa_pairs", "normalise_code",
-           "code_similarity", "REWRITE_KINDS"]
+           "code_similarity", "REWRITE_KINDS", "QualityLabelStage", "QualityFilterStage",
+           "ChunkStage"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -692,3 +699,141 @@ class DecontaminateStage(Stage):
         self.hits_by_benchmark[hit.benchmark] += 1
         self.hits_by_kind[hit.kind] += 1
         return []
+
+
+# ---------------------------------------------------------------- quality annotation / filter
+
+@register_stage("quality_label")
+class QualityLabelStage(_TemplatedStage):
+    """The teacher scores a document 0-5 for educational/reasoning value (the labels that
+    `tools.quality.QualityClassifier` is trained on).
+
+    params: field ("text", `{text}` in the template), template_file (default
+    tools/templates/quality_score.txt, the same file as `tools.quality.SCORE_PROMPT`),
+    temperature (0.0), max_tokens, seed, params. Output field `quality_score` (int 0-5, parsed
+    with `tools.quality.parse_score`); the provenance entry keeps the teacher's reply. A reply
+    without a parsable score drops the record (`stats["dropped_unparsed"]`); kept records
+    count as `kept` and per score as `score_<N>`.
+    """
+    KEYS = {"field", "template_file"} | _TemplatedStage.SAMPLING
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "quality_label")
+        self.field = _field(params, "field", "text", key)
+        self._sampling(params, key, 0.0)
+        self._templates(params, key, {"quality_score": ("template_file", "quality_score.txt")})
+
+    @property
+    def fingerprint(self) -> dict:
+        return {**self._base_fingerprint(), "field": self.field}
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        from tools.quality import parse_score
+        text = _get(record, self.field)
+        (reply,) = await self._ask(ctx, "quality_score", dict(record, text=text))
+        score = parse_score(reply)
+        if score is None:
+            self.stats["dropped_unparsed"] += 1
+            return []
+        self.stats["kept"] += 1
+        self.stats[f"score_{score}"] += 1
+        out = self._out(record, ctx, reply=reply)
+        out["quality_score"] = score
+        return [out]
+
+
+@register_stage("quality_filter")
+class QualityFilterStage(Stage):
+    """Keep records whose text a saved `tools.quality.QualityClassifier` scores >= `threshold`.
+
+    params: model (required: a path written by `QualityClassifier.save` / `python -m
+    tools.quality train`; loaded and validated when the pipeline is built), field ("text"),
+    threshold (0.5, in [0, 1]). Kept records get `quality_prob` (P(high quality), rounded to
+    6 places) and a provenance entry (id `<id>/<stage>/0`); records below the threshold are
+    dropped. `stats`: kept, dropped_low_quality. The model file's sha256 and the threshold
+    are part of the stage fingerprint.
+    """
+    KEYS = {"model", "field", "threshold"}
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "quality_filter")
+        path = params.get("model")
+        _check(isinstance(path, str) and path, f"{key}.model",
+               "required: path of a saved quality classifier (.npz)")
+        _check(Path(path).is_file(), f"{key}.model", f"file {path} does not exist")
+        self.field = _field(params, "field", "text", key)
+        self.threshold = _num(params, "threshold", 0.5, key)
+        _check(self.threshold <= 1.0, f"{key}.threshold", "expected a number in [0, 1]")
+        from tools.quality import QualityClassifier
+        try:
+            self.model = QualityClassifier.load(path)
+        except Exception as e:  # noqa: BLE001 - a bad file is a config error
+            raise PipelineError(f"{key}.model: cannot load {path}: {e}") from None
+        import hashlib
+        self.model_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.stats: Counter = Counter()
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "type": self.type, "field": self.field,
+                "threshold": self.threshold, "model_sha256": self.model_sha256}
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        text = _get(record, self.field)
+        if not isinstance(text, str):
+            raise StageError(f"field {self.field!r} of record {record.get('id')!r} is not a string")
+        prob = float(self.model.score([text])[0])
+        if prob < self.threshold:
+            self.stats["dropped_low_quality"] += 1
+            return []
+        self.stats["kept"] += 1
+        out = _child(record, self, 0, model_sha256=self.model_sha256, threshold=self.threshold)
+        out["quality_prob"] = round(prob, 6)
+        return [out]
+
+
+# ---------------------------------------------------------------- chunking
+
+@register_stage("chunk")
+class ChunkStage(Stage):
+    """Split a record's text into chunks within a token budget (`tools.seeds.chunk_document`,
+    words as tokens); no teacher call.
+
+    params: field ("text"), max_tokens (512). One output record per chunk, the chunk replacing
+    the field; ids `<id>/<stage>/<chunk index>` (stable for the same text and budget); the
+    provenance entry has `chunks` (how many) and `max_tokens`. A text with no content gives no
+    record (`stats["dropped_empty"]`); `stats["chunks"]` counts the chunks written.
+    (Deduplication needs the whole corpus, so it is not a stage: `python -m tools.seeds dedup`.)
+    """
+    KEYS = {"field", "max_tokens"}
+
+    def __init__(self, name: str, params: dict, key: str):
+        super().__init__(name, params, key)
+        _known(params, self.KEYS, key, "chunk")
+        self.field = _field(params, "field", "text", key)
+        self.max_tokens = _int(params, "max_tokens", 512, key, 1)
+        self.stats: Counter = Counter()
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "type": self.type, "field": self.field,
+                "max_tokens": self.max_tokens}
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        from tools.seeds import chunk_document
+        text = _get(record, self.field)
+        if not isinstance(text, str):
+            raise StageError(f"field {self.field!r} of record {record.get('id')!r} is not a string")
+        chunks = chunk_document(text, max_tokens=self.max_tokens)
+        if not chunks:
+            self.stats["dropped_empty"] += 1
+            return []
+        self.stats["chunks"] += len(chunks)
+        outs = []
+        for i, chunk in enumerate(chunks):
+            out = _child(record, self, i, chunks=len(chunks), max_tokens=self.max_tokens)
+            out[self.field] = chunk
+            outs.append(out)
+        return outs
