@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterator, Optional
 import yaml
 
 from phijax import config as phijax_config
+from tools import jsonl
 
 __all__ = ["PipelineError", "StageError", "Pipeline", "StageSpec", "Stage", "StageContext",
            "STAGES", "register_stage", "load_pipeline", "run_pipeline", "run_pipeline_ray",
@@ -904,17 +905,10 @@ class RunDir:
 # ---------------------------------------------------------------- running
 
 def _iter_seeds(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"input: {path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PipelineError(f"input: {path}:{n}: expected a JSON object")
-            yield n, obj
+    try:
+        yield from jsonl.records(path)
+    except ValueError as e:
+        raise PipelineError(f"input: {e}") from None
 
 
 def _count_lines(path: Path) -> int:

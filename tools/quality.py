@@ -52,6 +52,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.murmurhash import murmurhash3_32
 
+from tools import jsonl
+
 __all__ = ["SCORE_PROMPT", "parse_score", "QualityConfig", "QualityClassifier", "featurize",
            "keep", "agreement", "print_agreement", "main"]
 
@@ -266,17 +268,16 @@ def print_agreement(stats: dict, name: str = "held-out", file=None) -> None:
 
 def _read_jsonl(path, text_field: str, label_field: str | None):
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                texts.append(rec[text_field])
-                if label_field is not None:
-                    labels.append(rec[label_field])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SystemExit(f"{path}:{lineno}: bad record ({type(e).__name__}: {e})")
+    try:
+        for lineno, rec in jsonl.records(path):
+            if text_field not in rec or (label_field is not None and label_field not in rec):
+                raise SystemExit(f"{path}:{lineno}: bad record (no field "
+                                 f"{text_field if text_field not in rec else label_field!r})")
+            texts.append(rec[text_field])
+            if label_field is not None:
+                labels.append(rec[label_field])
+    except ValueError as e:
+        raise SystemExit(f"bad record: {e}") from None
     return texts, labels
 
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from tools import jsonl
+
 __all__ = ["chunk_document", "count_words", "CodeUnit", "code_units", "language_of",
            "forum_questions", "normalise_text", "DedupReport", "dedup", "main"]
 
@@ -308,25 +310,16 @@ def forum_questions(jsonl_path, question_field: str = "question",
     not JSON raises ValueError naming file and line."""
     path = Path(jsonl_path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            q = _field(rec, question_field)
-            if not isinstance(q, str) or not q.strip():
-                continue
-            a = _field(rec, answer_field) if answer_field else None
-            rid = _field(rec, id_field)
-            out.append({"id": str(rid) if rid is not None else f"{path.name}:{lineno}",
-                        "question": q.strip(),
-                        "answer": a.strip() if isinstance(a, str) else a,
-                        "source": source or path.name})
+    for lineno, rec in jsonl.records(path):
+        q = _field(rec, question_field)
+        if not isinstance(q, str) or not q.strip():
+            continue
+        a = _field(rec, answer_field) if answer_field else None
+        rid = _field(rec, id_field)
+        out.append({"id": str(rid) if rid is not None else f"{path.name}:{lineno}",
+                    "question": q.strip(),
+                    "answer": a.strip() if isinstance(a, str) else a,
+                    "source": source or path.name})
     return out
 
 

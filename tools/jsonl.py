@@ -1,0 +1,22 @@
+"""Reading JSONL: every tool reads records the same way and names the file and line it rejects."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+
+def records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; ValueError naming `file:line` for a line
+    that is not a JSON object."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, obj
