@@ -20,3 +20,16 @@ def records(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, obj
+
+
+def lookup(record: dict, dotted: str):
+    """The value at a dotted path (`a.b`, `answers.0.text`) of a record; KeyError if absent."""
+    node = record
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(dotted)
+    return node

@@ -183,18 +183,6 @@ def _child(record: dict, stage: Stage, choice: int, **prov) -> dict:
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 
 
-def _lookup(record: dict, dotted: str) -> Any:
-    node: Any = record
-    for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise KeyError(dotted)
-    return node
-
-
 def render_template(template: str, record: dict) -> str:
     """Replace `{field}` / `{a.b}` with record values; `{{`/`}}` are literal braces; any
     other brace (JSON, code) is left alone. A missing field raises StageError."""
@@ -204,7 +192,7 @@ def render_template(template: str, record: dict) -> str:
         if m.group(0) == "}}":
             return "}"
         try:
-            value = _lookup(record, m.group(1))
+            value = jsonl.lookup(record, m.group(1))
         except KeyError:
             raise StageError(f"template field {m.group(1)!r} is missing from record "
                              f"{record.get('id')!r}") from None
@@ -339,7 +327,7 @@ class FilterStage(Stage):
 
     def keep(self, record: dict) -> bool:
         try:
-            value = _lookup(record, self.field)
+            value = jsonl.lookup(record, self.field)
         except KeyError:
             return self.conds.get("exists") is False and len(self.conds) == 1
         c = self.conds

@@ -288,15 +288,10 @@ def code_units(source: str, path: str, max_tokens: int = 512,
 # ----------------------------------------------------------------------------- forum questions
 
 def _field(record: dict, dotted: str) -> Any:
-    node: Any = record
-    for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
+    try:
+        return jsonl.lookup(record, dotted)
+    except KeyError:
+        return None
 
 
 def forum_questions(jsonl_path, question_field: str = "question",

@@ -47,8 +47,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from tools import jsonl
 from tools.pipeline import (PipelineError, Stage, StageContext, StageError, _canonical, _check,
-                            _child, _lookup, _sha256, register_stage, render_template)
+                            _child, _sha256, register_stage, render_template)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -103,7 +104,7 @@ def _known(params: dict, known: set, key: str, kind: str) -> None:
 
 def _get(record: dict, field: str) -> Any:
     try:
-        return _lookup(record, field)
+        return jsonl.lookup(record, field)
     except KeyError:
         raise StageError(f"field {field!r} is missing from record {record.get('id')!r}") from None
 
