@@ -734,13 +734,7 @@ class RunDir:
         # and any duplicate (defensive: cannot happen when markers follow their records).
         for p in self.shard_paths:
             stats["dropped_records"] += self._drop_unmarked_records(p)
-        seen_f: set[str] = set()
-
-        def keep_f(o):
-            ok = self.done.get(o.get("seed_id")) == "failed" and o.get("seed_id") not in seen_f
-            seen_f.add(o.get("seed_id"))
-            return ok
-        stats["dropped_failures"] = _filter_log(self.failures_path, keep_f)
+        stats["dropped_failures"] = self._drop_unmarked_failures()
 
         if self.usage_path.exists():
             try:
@@ -748,6 +742,16 @@ class RunDir:
             except (json.JSONDecodeError, AttributeError):
                 self.base_usage = {}
         return stats
+
+    def _drop_unmarked_failures(self) -> int:
+        """Keep one failure line per seed whose done marker says failed; drop the rest."""
+        seen: set[str] = set()
+
+        def keep(o):
+            ok = self.done.get(o.get("seed_id")) == "failed" and o.get("seed_id") not in seen
+            seen.add(o.get("seed_id"))
+            return ok
+        return _filter_log(self.failures_path, keep)
 
     def _drop_unmarked_records(self, p: Path) -> int:
         seen: set[str] = set()
@@ -814,13 +818,7 @@ class RunDir:
                 self.part["records"] += int(obj.get("records", 0))
             self.done[obj["seed_id"]] = obj["status"]
         stats["dropped_records"] = self._drop_unmarked_records(mine)
-        seen_f: set[str] = set()
-
-        def keep_f(o):
-            ok = self.done.get(o.get("seed_id")) == "failed" and o.get("seed_id") not in seen_f
-            seen_f.add(o.get("seed_id"))
-            return ok
-        stats["dropped_failures"] = _filter_log(self.failures_path, keep_f)
+        stats["dropped_failures"] = self._drop_unmarked_failures()
         return stats
 
     def _append(self, path: Path, lines: list[bytes]) -> None:
