@@ -29,8 +29,11 @@ and faults by kind, and keeps the Authorization headers seen.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import random
+import secrets
 import socket
 import struct
 import threading
@@ -217,3 +220,18 @@ def serve_forever_in_process(conn, **kwargs) -> None:
     conn.recv()
     conn.send(handle.stats.snapshot())
     handle.stop()
+
+
+@contextlib.contextmanager
+def secret_env(name: str):
+    """A random API key in environment variable `name` for the duration; the old value after."""
+    key = "sk-test-" + secrets.token_hex(16)
+    old = os.environ.get(name)
+    os.environ[name] = key
+    try:
+        yield key
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

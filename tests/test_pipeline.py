@@ -3,7 +3,6 @@ import asyncio
 import json
 import os
 import random
-import secrets
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_server import start_server  # noqa: E402
+from teacher_server import secret_env, start_server  # noqa: E402
 
 from tools.pipeline import (PipelineError, load_pipeline, read_records,  # noqa: E402
                             run_pipeline, shard_path)
@@ -29,14 +28,8 @@ FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=64, max_retries
 
 @pytest.fixture(scope="module")
 def secret():
-    key = "sk-test-" + secrets.token_hex(16)
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = key
-    yield key
-    if old is None:
-        os.environ.pop(KEY_ENV, None)
-    else:
-        os.environ[KEY_ENV] = old
+    with secret_env(KEY_ENV) as key:
+        yield key
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ directory layout (either executor resumes the other's run), no requests on a rer
 any file. One local Ray instance (2 CPUs) for the whole module."""
 import asyncio
 import json
-import os
-import secrets
 import shutil
 import sys
 import time
@@ -15,7 +13,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_server import start_server  # noqa: E402
+from teacher_server import secret_env, start_server  # noqa: E402
 
 from tools.pipeline import (load_pipeline, read_records, run_pipeline,  # noqa: E402
                             run_pipeline_ray, shard_of, shard_path)
@@ -31,14 +29,8 @@ FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=32, max_retries
 
 @pytest.fixture(scope="module")
 def secret():
-    key = "sk-test-" + secrets.token_hex(16)
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = key
-    yield key
-    if old is None:
-        os.environ.pop(KEY_ENV, None)
-    else:
-        os.environ[KEY_ENV] = old
+    with secret_env(KEY_ENV) as key:
+        yield key
 
 
 @pytest.fixture(scope="module")
