@@ -150,3 +150,11 @@ def test_loader_mixes_sources_by_exact_token_share(tokenizer, tmp_path, shares):
             assert len(who) == 1  # each window comes from exactly one source
             counts[who.pop()] += row.size
     np.testing.assert_allclose(counts / counts.sum(), shares, atol=0.005)  # token shares
+
+
+def test_prompt_ids_are_a_prefix_of_the_rendered_chat(tokenizer):
+    user = [{"role": "user", "content": "What is 12 + 30?"}]
+    prompt = tokenizer.encode_prompt(user)
+    ids, mask = tokenizer.encode_chat(user + [{"role": "assistant", "content": "12 + 30 = 42."}])
+    assert ids[:len(prompt)] == prompt and not mask[:len(prompt)].any()
+    assert mask[len(prompt):].all() and ids[-1] == tokenizer.im_end_id

@@ -136,6 +136,16 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the rendered chat followed by an open assistant turn: what a model
+        trained on `encode_chat` continues with its reply (ending in <|im_end|>)."""
+        text, _ = render_chat(messages)
+        return self.sp.encode(text + f"{IM_START}assistant{IM_SEP}")
+
+    @property
+    def im_end_id(self) -> int:
+        return self.sp.piece_to_id(IM_END)
+
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], np.ndarray]:
         """Token ids of the rendered chat and a 0/1 loss mask, on for assistant tokens only.
 
