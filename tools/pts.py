@@ -1,0 +1,555 @@
+"""Pivotal Token Search (the Phi-4 report's Algorithm 1): single-token DPO pairs at the tokens of
+sampled answers that swing the probability of success.
+
+    python -m tools.pts --model RUN_DIR --questions Q.jsonl --out PAIRS.jsonl [options]
+
+For a question Q and a sampled answer T, p(prefix) is the fraction of `rollouts` continuations
+of (Q, prefix), sampled from the model, that the oracle (`tools.oracles.check`) accepts.
+`Subdivide(prefix, T)` returns [T] when |T| <= 1 or |p(prefix) - p(prefix + T)| < p_gap, else
+splits T at its cumulative log-probability midpoint and recurses on both halves; every single
+token t of the result with |p(prefix) - p(prefix + t)| >= p_gap is a candidate pivotal token.
+
+  split    with log-probs l_1..l_n (n >= 2) and L = sum, split after the smallest i in [1, n-1]
+           with l_1 + ... + l_i <= L / 2 (at least half the log-prob mass consumed); if there is
+           none, i = n - 1.  Halves carry equal surprise, not equal token counts.
+  filter   only questions with p_min <= p(empty prefix) <= p_max are searched; their answers T
+           are the first `answers_per_question` rollouts of that first estimate.
+  batching each (question, answer) search is a generator that yields the prefixes it needs; the
+           driver estimates, per round, every prefix all searches need that is not yet memoized
+           in one batched call (one Request of n rollouts per prefix: shared-prefix fan-out),
+           chunked to `batch_rows` rows. The two halves of a split are searched in lockstep, so
+           a round is one recursion level of every search. No prefix is estimated twice.
+  re-check each candidate's p(prefix) and p(prefix + t) are topped up to `recheck` rollouts
+           (only the extra ones are drawn, with another seed, and pooled with the first);
+           candidates whose pooled |dp| falls below p_gap are dropped.
+  pairs    if t raises p, t is chosen and rejected is the most frequent first token != t of
+           the FAILED rollouts at that prefix (ties: the smallest id); if t lowers p, t is
+           rejected and chosen is the most frequent first token != t of the SUCCESSFUL ones.
+           Everything is token ids; a single-token completion has no EOS appended.
+
+A prefix that ends with a stop token (<|im_end|>, <|endoftext|>) or has used max_new_tokens is a
+finished answer: its rollouts are the prefix itself, judged once, and sample nothing. A
+continuation of a prefix of k tokens gets max_new_tokens - k new tokens, so every rollout is an
+answer of at most max_new_tokens tokens, like the answers searched.
+
+Seeds: the rollouts of (question, prefix) use a seed hashed from (--seed, question index,
+prefix, draw), draw 0 for the first estimate and 1 for the top-up, so estimates of different
+prefixes are independent and a run is reproducible.
+
+Output: one JSON line per pair, what `phijax dpo` reads: {"id": "QID/pts/ANSWER/PREFIX_LEN",
+"prompt_ids" (the question's prompt + the answer prefix), "chosen_ids": [a], "rejected_ids": [b],
+"question_id", "prefix_len", "p_before", "p_after" (pooled after the re-check), "p_gap" (the
+threshold it passed), "samples_used" (rollouts sampled for that question in all), "kind": "pts"}.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generator, Sequence
+
+from tools.jsonl import records
+from tools.oracles import check, question_error
+
+Prefix = tuple[int, ...]
+
+
+@dataclass
+class PTSConfig:
+    rollouts: int = 64  # N: rollouts per prefix estimate
+    recheck: int = 256  # rollouts per candidate prefix after the top-up
+    p_gap: float = 0.2
+    p_min: float = 0.2
+    p_max: float = 0.8
+    max_new_tokens: int = 512  # answer length, prefix included
+    temperature: float = 1.0
+    seed: int = 0
+    answers_per_question: int = 1
+    batch_rows: int = 512  # rollouts per sampler call
+
+    def validate(self) -> None:
+        """ValueError naming the first bad option."""
+        def bad(name, why):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: {why}")
+        if self.rollouts < 1:
+            bad("rollouts", "must be at least 1")
+        if self.recheck < self.rollouts:
+            bad("recheck", f"must be at least --rollouts ({self.rollouts})")
+        if not 0 < self.p_gap <= 1:
+            bad("p_gap", "must be in (0, 1]")
+        if not 0 <= self.p_min <= 1:
+            bad("p_min", "must be in [0, 1]")
+        if not self.p_min <= self.p_max <= 1:
+            bad("p_max", f"must be in [--p-min ({self.p_min}), 1]")
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be at least 1")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0 (PTS needs sampled rollouts)")
+        if not 1 <= self.answers_per_question <= self.rollouts:
+            bad("answers_per_question", f"must be in [1, --rollouts ({self.rollouts})]")
+        if self.batch_rows < max(self.rollouts, self.recheck - self.rollouts):
+            bad("batch_rows", f"must hold one request: at least "
+                f"{max(self.rollouts, self.recheck - self.rollouts)} (--rollouts and "
+                f"--recheck minus --rollouts)")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Sample `n` rollouts continuing question `question`'s prompt + answer `prefix`."""
+    question: int
+    prefix: Prefix
+    n: int
+    seed: int
+
+
+@dataclass
+class Rollouts:
+    """Rollouts of one prefix: per rollout, success and the continuation's tokens (empty for a
+    finished prefix, which samples nothing) with their model log-probs (may be empty lists
+    where nobody needs them: only the empty prefix's rollouts become searched answers)."""
+    success: list[bool]
+    tokens: list[list[int]]
+    logprobs: list[list[float]] = field(default_factory=list)
+
+    @property
+    def p(self) -> float:
+        return sum(self.success) / len(self.success)
+
+    @property
+    def sampled(self) -> int:
+        return sum(1 for t in self.tokens if t)
+
+    def first(self, success: bool) -> list[int]:
+        """First tokens of the rollouts that (did not) succeed."""
+        return [t[0] for s, t in zip(self.success, self.tokens) if s == success and t]
+
+    def __add__(self, other: Rollouts) -> Rollouts:
+        return Rollouts(self.success + other.success, self.tokens + other.tokens,
+                        self.logprobs + other.logprobs)
+
+
+Estimate = Callable[[list[Job]], list[Rollouts]]
+
+
+@dataclass
+class Pivot:
+    question: int
+    answer: int
+    prefix: Prefix
+    token: int
+    p_before: float
+    p_after: float
+
+
+@dataclass
+class Stats:
+    questions: int = 0
+    searched: int = 0
+    skipped_p_range: int = 0
+    answers: int = 0
+    candidates: int = 0
+    kept: int = 0
+    pairs: int = 0
+    no_alternative: int = 0
+    prefixes: int = 0
+    rollouts: int = 0
+    rounds: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        out = dict(self.__dict__, seconds=round(self.seconds, 2))
+        out["rollouts_per_s"] = round(self.rollouts / self.seconds, 1) if self.seconds else 0.0
+        return out
+
+
+# ------------------------------------------------------------------ Algorithm 1, as generators
+# A search yields a tuple of prefixes it needs p of and is sent back `p`, a function of a prefix.
+
+def split_point(logprobs: Sequence[float]) -> int:
+    """Where to split a piece of n >= 2 tokens: its cumulative log-probability midpoint."""
+    half, total = sum(logprobs) / 2, 0.0
+    for i, lp in enumerate(logprobs[:-1], 1):
+        total += lp
+        if total <= half:
+            return i
+    return len(logprobs) - 1
+
+
+def _gather(searches: list[Generator]):
+    """Run sub-searches in lockstep: each round asks for the union of what they all need; returns
+    their results."""
+    results, need = [None] * len(searches), {}
+
+    def step(i, sent):
+        try:
+            need[i] = searches[i].send(sent)
+        except StopIteration as stop:
+            results[i] = stop.value
+            need.pop(i, None)
+
+    for i in range(len(searches)):
+        step(i, None)
+    while need:
+        p = yield tuple(dict.fromkeys(x for wanted in need.values() for x in wanted))
+        for i in list(need):
+            step(i, p)
+    return results
+
+
+def subdivide(prefix: Prefix, piece: Prefix, logprobs: Sequence[float], p_gap: float):
+    if len(piece) <= 1:
+        return [piece]
+    p = yield (prefix, prefix + piece)
+    if abs(p(prefix) - p(prefix + piece)) < p_gap:
+        return [piece]
+    i = split_point(logprobs)
+    left, right = yield from _gather([subdivide(prefix, piece[:i], logprobs[:i], p_gap),
+                                      subdivide(prefix + piece[:i], piece[i:], logprobs[i:],
+                                                p_gap)])
+    return left + right
+
+
+def search(answer: Sequence[int], logprobs: Sequence[float], p_gap: float):
+    """Candidate pivotal tokens of one answer: [(prefix, token, p(prefix), p(prefix + token))]."""
+    pieces = yield from subdivide((), tuple(answer), list(logprobs), p_gap)
+    singles, prefix = [], ()
+    for piece in pieces:
+        if len(piece) == 1:
+            singles.append((prefix, piece[0]))
+        prefix += piece
+    if not singles:
+        return []
+    p = yield tuple(x for pre, t in singles for x in (pre, pre + (t,)))
+    return [(pre, t, p(pre), p(pre + (t,))) for pre, t in singles
+            if abs(p(pre) - p(pre + (t,))) >= p_gap]
+
+
+def _tagged(question: int, gen: Generator):
+    """`gen`'s prefixes as (question, prefix) keys."""
+    try:
+        need = next(gen)
+    except StopIteration as stop:
+        return stop.value
+    while True:
+        p = yield tuple((question, x) for x in need)
+        try:
+            need = gen.send(lambda prefix: p((question, prefix)))
+        except StopIteration as stop:
+            return stop.value
+
+
+# ------------------------------------------------------------------ the driver
+
+def _seed(base: int, question: int, prefix: Prefix, draw: int) -> int:
+    h = hashlib.blake2b(repr((base, question, prefix, draw)).encode(), digest_size=4)
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
+
+
+class _Driver:
+    """Memoized, batched estimates: every (question, prefix) is estimated once with `rollouts`
+    and topped up at most once."""
+
+    def __init__(self, estimate: Estimate, cfg: PTSConfig, stats: Stats, log):
+        self.estimate, self.cfg, self.stats, self.log = estimate, cfg, stats, log
+        self.memo: dict[tuple[int, Prefix], Rollouts] = {}
+        self.topped: set[tuple[int, Prefix]] = set()
+        self.sampled: Counter = Counter()  # rollouts sampled per question
+        self.start = time.perf_counter()
+
+    def p(self, key) -> float:
+        return self.memo[key].p
+
+    def ensure(self, keys, stage: str) -> None:
+        keys = [k for k in dict.fromkeys(keys) if k not in self.memo]
+        jobs = [Job(q, pre, self.cfg.rollouts, _seed(self.cfg.seed, q, pre, 0)) for q, pre in keys]
+        for job, got in zip(jobs, self._run(jobs, stage)):
+            self.memo[job.question, job.prefix] = got
+
+    def top_up(self, keys, stage: str) -> None:
+        keys = [k for k in dict.fromkeys(keys) if k not in self.topped]
+        self.topped.update(keys)
+        jobs = [Job(q, pre, self.cfg.recheck - len(self.memo[q, pre].success),
+                    _seed(self.cfg.seed, q, pre, 1)) for q, pre in keys]
+        jobs = [j for j in jobs if j.n > 0]
+        for job, got in zip(jobs, self._run(jobs, stage)):
+            self.memo[job.question, job.prefix] += got
+
+    def _chunks(self, jobs: list[Job]):
+        """Consecutive jobs of at most batch_rows rollouts together."""
+        chunk, rows = [], 0
+        for job in jobs:
+            if chunk and rows + job.n > self.cfg.batch_rows:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(job)
+            rows += job.n
+        if chunk:
+            yield chunk
+
+    def _run(self, jobs: list[Job], stage: str) -> list[Rollouts]:
+        if not jobs:
+            return []
+        t0, out = time.perf_counter(), []
+        for chunk in self._chunks(jobs):
+            got = self.estimate(chunk)
+            if len(got) != len(chunk):
+                raise RuntimeError(f"estimate gave {len(got)} results for {len(chunk)} jobs")
+            out += got
+            self.stats.calls += 1
+        sampled = 0
+        for job, got in zip(jobs, out):
+            if len(got.success) != job.n:
+                raise RuntimeError(f"estimate returned {len(got.success)} rollouts for n={job.n}")
+            self.sampled[job.question] += got.sampled
+            sampled += got.sampled
+        self.stats.rounds += 1
+        self.stats.prefixes += len(jobs)
+        self.stats.rollouts += sampled
+        dt, elapsed = time.perf_counter() - t0, time.perf_counter() - self.start
+        self.log(f"pts {stage} round {self.stats.rounds}: {len(jobs)} prefixes, {sampled} "
+                 f"rollouts, {sampled / max(dt, 1e-9):.0f} rollouts/s, {elapsed:.1f}s")
+        return out
+
+
+def find_pivots(n_questions: int, estimate: Estimate, cfg: PTSConfig, log=None):
+    """Algorithm 1 over questions 0..n_questions-1 with a pluggable estimator.
+    Returns (kept pivots, the driver (memo, rollouts per question), stats)."""
+    cfg.validate()
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    stats = Stats(questions=n_questions)
+    d = _Driver(estimate, cfg, stats, log)
+    d.ensure([(q, ()) for q in range(n_questions)], "root")
+    searched = [q for q in range(n_questions) if cfg.p_min <= d.p((q, ())) <= cfg.p_max]
+    stats.searched, stats.skipped_p_range = len(searched), n_questions - len(searched)
+    order = []  # (question, answer index) of each search
+    searches = []
+    for q in searched:
+        root = d.memo[q, ()]
+        for a in range(cfg.answers_per_question):
+            order.append((q, a))
+            searches.append(_tagged(q, search(root.tokens[a], root.logprobs[a], cfg.p_gap)))
+    stats.answers = len(searches)
+    gen = _gather(searches)
+    try:
+        need = next(gen)
+        while True:
+            d.ensure(need, "search")
+            need = gen.send(d.p)
+    except StopIteration as stop:
+        results = stop.value
+    candidates = {}  # (question, prefix, token) -> answer index; the first answer wins
+    for (q, a), found in zip(order, results):
+        for pre, t, _, _ in found:
+            candidates.setdefault((q, pre, t), a)
+    stats.candidates = len(candidates)
+    d.top_up([k for q, pre, t in candidates for k in ((q, pre), (q, pre + (t,)))], "recheck")
+    kept = [Pivot(q, a, pre, t, d.p((q, pre)), d.p((q, pre + (t,))))
+            for (q, pre, t), a in candidates.items()
+            if abs(d.p((q, pre)) - d.p((q, pre + (t,)))) >= cfg.p_gap]
+    stats.kept = len(kept)
+    stats.seconds = time.perf_counter() - d.start
+    return kept, d, stats
+
+
+def _most_frequent(tokens: list[int], exclude: int) -> int | None:
+    counts = Counter(t for t in tokens if t != exclude)
+    return min(counts, key=lambda t: (-counts[t], t)) if counts else None
+
+
+def pair_tokens(pivot: Pivot, rollouts: Rollouts) -> tuple[int, int] | None:
+    """(chosen, rejected) for a pivotal token from the rollouts at its prefix, or None."""
+    if pivot.p_after > pivot.p_before:
+        other = _most_frequent(rollouts.first(False), pivot.token)
+        return None if other is None else (pivot.token, other)
+    other = _most_frequent(rollouts.first(True), pivot.token)
+    return None if other is None else (other, pivot.token)
+
+
+def pts(questions: list[tuple[str | int, list[int]]], estimate: Estimate, cfg: PTSConfig,
+        log=None) -> tuple[list[dict], Stats]:
+    """DPO pair records for (question id, prompt ids) pairs, with a pluggable estimator."""
+    kept, d, stats = find_pivots(len(questions), estimate, cfg, log)
+    pairs = []
+    for pv in kept:
+        tokens = pair_tokens(pv, d.memo[pv.question, pv.prefix])
+        if tokens is None:
+            stats.no_alternative += 1
+            continue
+        qid, prompt = questions[pv.question]
+        pairs.append({
+            "id": f"{qid}/pts/{pv.answer}/{len(pv.prefix)}",
+            "prompt_ids": list(prompt) + list(pv.prefix),
+            "chosen_ids": [tokens[0]], "rejected_ids": [tokens[1]],
+            "question_id": qid, "prefix_len": len(pv.prefix),
+            "p_before": pv.p_before, "p_after": pv.p_after, "p_gap": cfg.p_gap,
+            "samples_used": d.sampled[pv.question], "kind": "pts"})
+    stats.pairs = len(pairs)
+    return pairs, stats
+
+
+# ------------------------------------------------------------------ the model and the oracle
+
+def prompt_ids(question: dict, tokenizer) -> list[int]:
+    if question.get("prompt_ids") is not None:
+        return list(question["prompt_ids"])
+    return tokenizer.encode_prompt([{"role": "user", "content": question["prompt"]}])
+
+
+class SamplerEstimator:
+    """`Estimate` over a `phijax.sampling.Sampler`: rollouts continue prompt + prefix at the
+    config's temperature until a stop token or the answer's max_new_tokens; each answer
+    (prefix + continuation, stop token dropped) is decoded and judged by `tools.oracles.check`
+    (judgements cached by text)."""
+
+    def __init__(self, sampler, tokenizer, questions: list[dict], prompts: list[list[int]],
+                 cfg: PTSConfig):
+        self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
+        self.questions, self.prompts = questions, prompts
+        self.stop_ids = tuple(dict.fromkeys((tokenizer.im_end_id, tokenizer.eos_id)))
+        self.judged: dict[tuple[int, str], bool] = {}
+
+    def finished(self, prefix: Prefix) -> bool:
+        return len(prefix) >= self.cfg.max_new_tokens or \
+            bool(prefix and prefix[-1] in self.stop_ids)
+
+    def judge(self, q: int, answer: list[int]) -> bool:
+        if answer and answer[-1] in self.stop_ids:
+            answer = answer[:-1]
+        text = self.tokenizer.decode(answer)
+        if (q, text) not in self.judged:
+            self.judged[q, text] = check(self.questions[q], text)
+        return self.judged[q, text]
+
+    def __call__(self, jobs: list[Job]) -> list[Rollouts]:
+        from phijax.sampling import Request
+
+        live = [j for j in jobs if not self.finished(j.prefix)]
+        samples = dict(zip(live, self.sampler.generate([Request(
+            self.prompts[j.question] + list(j.prefix), n=j.n,
+            max_new_tokens=self.cfg.max_new_tokens - len(j.prefix),
+            temperature=self.cfg.temperature, stop_ids=self.stop_ids, seed=j.seed)
+            for j in live]))) if live else {}
+        out = []
+        for j in jobs:
+            if j not in samples:  # a finished answer: nothing to sample
+                ok = self.judge(j.question, list(j.prefix))
+                out.append(Rollouts([ok] * j.n, [[] for _ in range(j.n)], [[] for _ in range(j.n)]))
+                continue
+            got = samples[j]
+            out.append(Rollouts([self.judge(j.question, list(j.prefix) + s.tokens) for s in got],
+                                [s.tokens for s in got], [s.logprobs for s in got]))
+        return out
+
+
+def check_prompts(prompts: list[list[int]], labels: list[str], max_len: int, vocab_size: int,
+                  cfg: PTSConfig) -> None:
+    """ValueError naming the first question whose prompt the model cannot continue."""
+    for ids, label in zip(prompts, labels):
+        if not ids:
+            raise ValueError(f"{label}: the prompt encodes to no tokens")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"{label}: prompt_ids outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+        if len(ids) + cfg.max_new_tokens > max_len:
+            raise ValueError(f"{label}: prompt of {len(ids)} tokens + --max-new-tokens "
+                             f"{cfg.max_new_tokens} exceeds the model's context length {max_len}")
+
+
+def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig, log=None,
+            labels: list[str] | None = None) -> tuple[list[dict], Stats]:
+    """PTS pairs for question records (see tools.oracles) with a Sampler and its Tokenizer.
+    Every record and prompt is checked before anything is sampled."""
+    cfg.validate()
+    labels = labels or [f"question {q.get('id') if isinstance(q, dict) else i}"
+                        for i, q in enumerate(questions)]
+    for q, label in zip(questions, labels):
+        error = question_error(q)
+        if error:
+            raise ValueError(f"{label}: {error}")
+    prompts = [prompt_ids(q, tokenizer) for q in questions]
+    check_prompts(prompts, labels, sampler.max_len, sampler.cfg.vocab_size, cfg)
+    estimate = SamplerEstimator(sampler, tokenizer, questions, prompts, cfg)
+    return pts([(q["id"], p) for q, p in zip(questions, prompts)], estimate, cfg, log)
+
+
+# ------------------------------------------------------------------ CLI
+
+def load_questions(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Question records and their `file:line` labels; ValueError naming the first bad line."""
+    questions, labels = [], []
+    for lineno, q in records(path):
+        error = question_error(q)
+        if error:
+            raise ValueError(f"{path}:{lineno}: {error}")
+        questions.append(q)
+        labels.append(f"{path}:{lineno}")
+    return questions, labels
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write atomically: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = PTSConfig()
+    ap = argparse.ArgumentParser(prog="python -m tools.pts",
+                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--model", required=True, help="run directory (config.yaml, tokenizer.model, "
+                    "checkpoints/)")
+    ap.add_argument("--questions", required=True, help="question JSONL (see tools/oracles.py)")
+    ap.add_argument("--out", required=True, help="pairs JSONL, written atomically")
+    ap.add_argument("--rollouts", type=int, default=d.rollouts, help="rollouts per prefix estimate")
+    ap.add_argument("--recheck", type=int, default=d.recheck,
+                    help="rollouts per candidate prefix after the re-check top-up")
+    ap.add_argument("--p-gap", type=float, default=d.p_gap)
+    ap.add_argument("--p-min", type=float, default=d.p_min,
+                    help="search questions with p_min <= p(success) <= p_max")
+    ap.add_argument("--p-max", type=float, default=d.p_max)
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                    help="answer length, prefix included")
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--answers-per-question", type=int, default=d.answers_per_question)
+    ap.add_argument("--batch-rows", type=int, default=d.batch_rows,
+                    help="rollouts per sampler call")
+    ap.add_argument("--quiet", action="store_true", help="no per-round log lines")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = PTSConfig(rollouts=args.rollouts, recheck=args.recheck, p_gap=args.p_gap,
+                    p_min=args.p_min, p_max=args.p_max, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed,
+                    answers_per_question=args.answers_per_question, batch_rows=args.batch_rows)
+    try:
+        cfg.validate()
+        questions, labels = load_questions(args.questions)
+        from phijax.sampling import load_sampler  # JAX only once the inputs are known good
+        sampler, tokenizer = load_sampler(args.model)
+        pairs, stats = run_pts(sampler, tokenizer, questions, cfg, labels=labels,
+                               log=(lambda line: None) if args.quiet else None)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_jsonl(args.out, pairs)
+    print(json.dumps(stats.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
