@@ -1,4 +1,4 @@
-"""`phijax` command line: train | info | sample | serve | convert | tokenizer | data."""
+"""`phijax` command line: train | sft | dpo | info | sample | serve | convert | tokenizer | data."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,24 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
+    return 0
+
+
+def _sft(args) -> int:
+    from phijax.posttrain.sft import check_sft, sft_task
+    from phijax.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    check_sft(cfg)
+    train(cfg, sft_task)
+    return 0
+
+
+def _dpo(args) -> int:
+    from phijax.posttrain.dpo import dpo_task
+    from phijax.train.loop import train
+
+    train(load_config(args.config, args.overrides), dpo_task)
     return 0
 
 
@@ -136,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phijax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", _train, "train or resume a run"),
+                            ("sft", _sft, "fine-tune a checkpoint (run.init_from) on chats"),
+                            ("dpo", _dpo, "DPO from a checkpoint on token-id pairs (dpo.pairs)"),
                             ("info", _info, "parameter count and breakdown (no allocation)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")

@@ -109,9 +109,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class DPOConfig:
+    pairs: Optional[str] = None  # JSONL: prompt_ids, chosen_ids, rejected_ids (token ids)
+    reference: Optional[str] = None  # run directory of the reference model; default run.init_from
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the chance a label is flipped
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     distributed: str = "auto"  # auto | on | off
+    init_from: Optional[str] = None  # run directory whose latest params start a new run (SFT, DPO)
 
 
 @dataclass
@@ -123,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 CHOICES = {
@@ -131,6 +142,7 @@ CHOICES = {
     "model.attention": ("xla", "cudnn"),
     "run.distributed": ("auto", "on", "off"),
     "data.packing": ("windows", "documents"),
+    "dpo.loss": ("sigmoid", "ipo"),
 }
 
 
@@ -281,6 +293,10 @@ def validate(cfg: Config, device_count: Optional[int] = None) -> None:
         raise ConfigError("optimizer.warmup_steps, weight_decay, grad_clip_norm and z_loss must be >= 0")
     if not 0.0 <= o.end_learning_rate_ratio <= 1.0:
         raise ConfigError(f"optimizer.end_learning_rate_ratio must be in [0, 1], got {o.end_learning_rate_ratio}")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.seq_len > m.max_position_embeddings:

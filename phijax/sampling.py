@@ -14,7 +14,8 @@ Row r's randomness is `fold_in(fold_in(key(seed), sample index), step)`: a sampl
 depend on what else is in the batch, so fan-out and independent prefills give the same tokens,
 and a seeded request gives the same completion however the server batches it. Temperature 0 is
 greedy; top-k (0 = off) and top-p filter after temperature. Log-probabilities are the model's
-(temperature 1, unfiltered), which is what PTS and evaluation need.
+(temperature 1, unfiltered), which is what PTS and evaluation need. Where the model's vocabulary
+is larger than its tokenizer's (`vocab_limit`), the ids past the tokenizer are never drawn.
 
 Shapes are bucketed (prompts to multiples of 32, new tokens to multiples of 32, rows to
 multiples of 8, prompts to powers of two) so a server compiles a handful of programs. On a mesh,
@@ -186,9 +187,15 @@ def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, source,
-              row_keys, temperature, top_k, top_p, row_max_new, stop_ids):
-    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`."""
+def _generate(cfg, max_new: int, filtering: bool, vocab_limit: int, params, layers, prompts, pad,
+              source, row_keys, temperature, top_k, top_p, row_max_new, stop_ids):
+    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`; only ids below
+    `vocab_limit` (the tokenizer's pieces, where the model's vocabulary is larger) are drawn."""
+    _step_ = _step
+    if vocab_limit < cfg.vocab_size:
+        def _step_(*args):
+            logits, caches = _step(*args)
+            return jnp.where(jnp.arange(cfg.vocab_size) < vocab_limit, logits, -jnp.inf), caches
     b, p = prompts.shape
     rows = source.shape[0]
     total = p + max_new
@@ -197,7 +204,7 @@ def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, 
     caches = [(jnp.zeros((b, kv, total, d), dt), jnp.zeros((b, kv, total, d), dt))
               for _ in layers]
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
-    logits, caches = _step(cfg, params, layers, prompts, positions, caches, 0, pad)
+    logits, caches = _step_(cfg, params, layers, prompts, positions, caches, 0, pad)
     # Fan-out: every sample row takes its prompt's cache and last logits.
     caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
     logits, pad, length = logits[source], pad[source], (p - pad)[source]
@@ -215,7 +222,7 @@ def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, 
 
     def body(state):
         t, caches, token, out, out_lp, done, count = state
-        logits, caches = _step(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
+        logits, caches = _step_(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
                                caches, p + t - 1, pad)
         new, lp = _choose(logits, keys(t), temperature, top_k, top_p, filtering)
         out = out.at[:, t].set(jnp.where(done, 0, new))
@@ -232,8 +239,10 @@ def _generate(cfg, max_new: int, filtering: bool, params, layers, prompts, pad, 
 class Sampler:
     """Batched sampling from `params` (a pure dict, as training and `weights.load_params` give)."""
 
-    def __init__(self, cfg: ModelConfig, params, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, cfg: ModelConfig, params, mesh: jax.sharding.Mesh | None = None,
+                 vocab_limit: int | None = None):
         self.cfg, self.mesh = cfg, mesh
+        self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.max_len = cfg.max_position_embeddings
         self.params = {k: v for k, v in params.items() if k != "layers"}
         # Per-layer weights (split once): decoding slices no stacked array per step.
@@ -243,7 +252,7 @@ class Sampler:
 
     @functools.lru_cache(maxsize=32)
     def _compiled(self, max_new: int, filtering: bool):
-        return jax.jit(functools.partial(_generate, self.cfg, max_new, filtering))
+        return jax.jit(functools.partial(_generate, self.cfg, max_new, filtering, self.vocab_limit))
 
     def generate(self, requests: list[Request], share_prefix: bool = True) -> list[list[Sample]]:
         """Each request's `n` samples. `share_prefix=False` prefills every sample row on its
@@ -315,4 +324,5 @@ def load_sampler(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
     if not tokenizer_path.is_file():
         raise ValueError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
                          f"one; converted checkpoints need prompts as token ids)")
-    return Sampler(cfg.model, params, mesh), Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    return Sampler(cfg.model, params, mesh, vocab_limit=tokenizer.vocab_size), tokenizer

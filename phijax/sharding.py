@@ -64,6 +64,6 @@ def named(tree_of_specs, mesh: Mesh):
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over the data-parallel axes; arrays of shape (batch, length)."""
-    return NamedSharding(mesh, P(RULES["batch"], None))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over the data-parallel axes; arrays of shape (batch, ...) of rank `ndim`."""
+    return NamedSharding(mesh, P(RULES["batch"], *(None,) * (ndim - 1)))

@@ -7,7 +7,7 @@ from flax import nnx
 from phijax.config import ModelConfig, OptimizerConfig
 from phijax.model import init_model
 from phijax.train.optimizer import decay_mask, learning_rate_schedule
-from phijax.train.step import token_losses
+from phijax.train.step import lm_objective, sequence_logprobs
 
 
 def test_linear_warmup_then_linear_decay_to_floor():
@@ -43,12 +43,15 @@ def test_loss_weights_mask_tokens_and_z_loss_adds_log_z_squared():
     weights = np.ones((2, 8), np.float32)
     weights[1, 4:] = 0.0
     batch = _batch(weights)
-    objective, (nll, weight) = token_losses(graphdef, params, batch, 0.0)
+    objective, (sums, weight) = lm_objective(0.0)(graphdef, params, batch)
+    nll = sums["loss"]
     logits = model(batch["tokens"])
     logp = jax.nn.log_softmax(logits, -1)
     per_token = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     np.testing.assert_allclose(nll, jnp.sum(per_token * weights), rtol=1e-6)
     assert float(weight) == 12.0 and float(objective) == float(nll)
-    with_z, _ = token_losses(graphdef, params, batch, 1e-2)
+    np.testing.assert_allclose(sequence_logprobs(graphdef, params, batch),
+                               -jnp.sum(per_token * weights, axis=-1), rtol=1e-6)
+    with_z, _ = lm_objective(1e-2)(graphdef, params, batch)
     logz = jax.nn.logsumexp(logits, -1)
     np.testing.assert_allclose(with_z, nll + 1e-2 * jnp.sum(logz ** 2 * weights), rtol=1e-6)

@@ -109,3 +109,9 @@ def test_sharded_sampling_matches_one_device(model):
     assert [[s.tokens for s in r] for r in one] == [[s.tokens for s in r] for r in many]
     for a, b in zip(one, many):
         np.testing.assert_allclose([s.logprobs for s in a], [s.logprobs for s in b], atol=1e-4)
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(model):
+    limited = Sampler(CFG, nnx.to_pure_dict(nnx.state(model)), vocab_limit=100)
+    out = limited.generate([Request([1, 2, 3], n=64, max_new_tokens=16, seed=1)])[0]
+    assert max(max(s.tokens) for s in out) < 100

@@ -62,12 +62,17 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multi
     out.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     logging.getLogger("sentencepiece").setLevel(logging.WARNING)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_lines(docs, sample_bytes)), model_writer=model,
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
-        user_defined_symbols=list(SPECIALS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        add_dummy_prefix=False, normalization_rule_name="identity", minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_lines(docs, sample_bytes)), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+            character_coverage=0.9995, user_defined_symbols=list(SPECIALS), unk_id=0, bos_id=-1,
+            eos_id=-1, pad_id=-1, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            normalization_rule_name="identity", minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (1024). Please set it to <= 324."
+        raise ValueError(f"tokenizer vocabulary size {vocab_size}: "
+                         f"{str(e).split('] ')[-1].strip()}") from None
     path = out.with_suffix(".model")
     tmp = path.with_suffix(".model.tmp")
     tmp.write_bytes(_pad_model(model.getvalue(), multiple))

@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -102,10 +104,21 @@ def _data(cfg: Config, prepared, start: int):
     return it, evals, epochs_at
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the last logged metrics."""
-    maybe_initialize_distributed(cfg.run.distributed)
-    validate(cfg, jax.device_count())
+@dataclass
+class Task:
+    """What a run trains on. `phijax train` and `sft` use `lm_task`; `phijax dpo` uses
+    `phijax.posttrain.dpo.dpo_task`. `data(start)` gives (batches from step `start`, fixed eval
+    batches, step -> extra metrics such as realized epochs)."""
+    data: Callable
+    tokens_per_step: int
+    objective: Optional[Callable] = None  # None: next-token cross-entropy
+    batch_dims: Optional[dict] = None  # batch key -> rank; None: the LM batch
+    tokenizer: Optional[Path] = None  # copied into the run directory
+
+
+def lm_task(cfg: Config, mesh, chats_only: bool = False) -> Task:
+    """Language modelling on the configured corpus or mixture (tokenized and cached once);
+    `chats_only` (SFT) rejects a source with any non-chat document."""
     prepared = None
     if not cfg.data.synthetic:
         from phijax.data.prepare import prepare
@@ -117,20 +130,61 @@ def train(cfg: Config) -> dict:
         if prepared[0].vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's {prepared[0].vocab_size} pieces")
+        for source, store in zip(prepared[1].sources, prepared[2]):
+            m = store.manifest
+            if chats_only and m["chat_documents"] != m["documents"]:
+                raise ConfigError(f"source {source.name}: {m['documents'] - m['chat_documents']} "
+                                  f"of {m['documents']} documents are not chats (messages)")
+    return Task(data=lambda start: _data(cfg, prepared, start),
+                tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+                tokenizer=prepared[0].path if prepared else None)
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def check_init_from(cfg: Config) -> None:
+    """run.init_from must be a run directory with a checkpoint of this model's shapes; its
+    tokenizer becomes data.tokenizer unless one is set."""
+    if not cfg.run.init_from:
+        return
+    from phijax.weights import latest_step, load_config
+    source = Path(cfg.run.init_from)
+    base = load_config(source).model
+    for name in SHAPE_FIELDS:
+        if getattr(base, name) != getattr(cfg.model, name):
+            raise ConfigError(f"model.{name} is {getattr(cfg.model, name)} but run.init_from "
+                              f"{source} has {getattr(base, name)}")
+    latest_step(source)
+    if not cfg.data.tokenizer and (source / "tokenizer.model").is_file():
+        cfg.data.tokenizer = str(source / "tokenizer.model")
+
+
+def train(cfg: Config, make_task: Callable = lm_task) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    maybe_initialize_distributed(cfg.run.distributed)
+    validate(cfg, jax.device_count())
+    check_init_from(cfg)
+    mesh = make_mesh(cfg.mesh)
+    task = make_task(cfg, mesh)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     if primary:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if prepared is not None:  # the run directory is then all that sampling and serving need
-            shutil.copyfile(prepared[0].path, run_dir / "tokenizer.model")
+        if task.tokenizer is not None:  # the run directory is all that sampling and serving need
+            shutil.copyfile(task.tokenizer, run_dir / "tokenizer.model")
 
-    mesh = make_mesh(cfg.mesh)
-    trainer = build_trainer(cfg, mesh)
+    trainer = build_trainer(cfg, mesh, task.objective, task.batch_dims)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     stop = _StopFlag()
+    start = ckpt.latest_step() or 0
+    initial = None
+    if not start and cfg.run.init_from:  # read outside set_mesh: its abstract model is unsharded
+        from phijax.weights import load_params
+        initial = load_params(cfg.run.init_from, mesh)[1]
     with jax.set_mesh(mesh):
-        start = ckpt.latest_step() or 0
         if start >= cfg.train.steps:
             log.info("run %s is already complete at step %d", run_dir, start)
             ckpt.close()
@@ -138,12 +192,15 @@ def train(cfg: Config) -> dict:
         if start:
             state, data_state = ckpt.restore(start, trainer.abstract_state)
             log.info("resumed from step %d (data state %s)", start, data_state)
+        elif initial is not None:
+            state = trainer.init_from(initial)
+            log.info("initialized from %s", cfg.run.init_from)
         else:
             state = trainer.init()
         if primary:
             _trim_metrics(run_dir / "metrics.jsonl", start)
         writer = MetricsWriter(run_dir, enabled=primary)
-        last = _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop)
+        last = _loop(cfg, task, trainer, state, start, ckpt, writer, stop)
         epochs = [f"{k[len('epochs/'):]} {v:.2f}" for k, v in last.items() if k.startswith("epochs/")]
         if epochs:
             log.info("realized epochs per source: %s", ", ".join(epochs))
@@ -157,12 +214,12 @@ def _to_global(batch: dict, shardings: dict) -> dict:
             for k, v in batch.items()}
 
 
-def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
+def _loop(cfg, task, trainer, state, start, ckpt, writer, stop) -> dict:
     t = cfg.train
-    it, eval_batches, epochs_at = _data(cfg, prepared, start)
+    it, eval_batches, epochs_at = task.data(start)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak(t.peak_flops_per_device) * jax.device_count()
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    tokens_per_step = task.tokens_per_step
     last, window_start, window_steps = {}, time.perf_counter(), 0
     run_start = time.perf_counter()
     for step in range(start, t.steps):
@@ -175,17 +232,18 @@ def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - window_start
             tps = window_steps * tokens_per_step / elapsed
-            last = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
-                    "grad_norm": metrics["grad_norm"], "tokens_per_s": tps,
+            last = {"step": done, **metrics, "tokens_per_s": tps,
                     "mfu": tps * flops / peak, "time": time.time(), **epochs_at(done)}
             if eval_batches and (done % t.eval_every == 0 or final):
-                last["eval_loss"] = _evaluate(trainer, state["params"], eval_batches)
+                last.update(_evaluate(trainer, state["params"], eval_batches))
             writer.write(last)
             eta = (time.perf_counter() - run_start) / (done - start) * (t.steps - done)
+            extra = "".join(f" {'eval' if k == 'eval_loss' else k} {v:.4f}" for k, v in last.items()
+                            if k not in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+                                         "time") and "/" not in k)
             log.info("step %d/%d loss %.4f%s lr %.2e gnorm %.3f | %.0f tok/s mfu %.1f%% | eta %s",
-                     done, t.steps, last["loss"],
-                     f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else "",
-                     last["lr"], last["grad_norm"], tps, 100 * last["mfu"], _fmt_time(eta))
+                     done, t.steps, last["loss"], extra, last["lr"], last["grad_norm"], tps,
+                     100 * last["mfu"], _fmt_time(eta))
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.checkpoint.every == 0 or final:
             ckpt.save(done, state, {"step": done, "seed": cfg.data.seed})
@@ -195,9 +253,12 @@ def _loop(cfg, trainer, state, start, prepared, ckpt, writer, stop) -> dict:
     return last
 
 
-def _evaluate(trainer, params, eval_batches) -> float:
-    nll = weight = 0.0
+def _evaluate(trainer, params, eval_batches) -> dict:
+    """Held-out metrics: each summed quantity of the objective over the eval batches, divided
+    by their summed weight, as eval_<name> (eval_loss, and for DPO eval_accuracy...)."""
+    sums, weight = {}, 0.0
     for batch in eval_batches:
-        n, w = trainer.eval_step(params, _to_global(batch, trainer.batch_shardings))
-        nll, weight = nll + float(n), weight + float(w)
-    return nll / max(weight, 1.0)
+        s, w = jax.device_get(trainer.eval_step(params, _to_global(batch, trainer.batch_shardings)))
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
+        weight += float(w)
+    return {f"eval_{k}": v / max(weight, 1.0) for k, v in sums.items()}

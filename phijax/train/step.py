@@ -22,8 +22,8 @@ from phijax.train.optimizer import learning_rate_schedule, make_optimizer
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
 
 
-def token_losses(graphdef, params, batch, z_loss: float):
-    """Weighted sums over tokens: (objective, nll, weight)."""
+def _logz_and_target_logits(graphdef, params, batch):
+    """Per token (flattened): log-partition and target logit, both float32."""
     model = nnx.merge(graphdef, params)
     h = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     h = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
@@ -34,10 +34,25 @@ def token_losses(graphdef, params, batch, z_loss: float):
     w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
     target_logit = jnp.einsum("te,et->t", h, jnp.take(w_out, targets, axis=1),
                               preferred_element_type=jnp.float32)
-    w = batch["loss_weights"].reshape(-1)
-    nll = jnp.sum((logz - target_logit) * w)
-    objective = nll + z_loss * jnp.sum(jnp.square(logz) * w) if z_loss else nll
-    return objective, (nll, jnp.sum(w))
+    return logz, target_logit
+
+
+def sequence_logprobs(graphdef, params, batch):
+    """Per row (b,): the sum of log p(target) over the tokens the loss weights select."""
+    logz, target_logit = _logz_and_target_logits(graphdef, params, batch)
+    w = batch["loss_weights"]
+    return jnp.sum((target_logit - logz).reshape(w.shape) * w, axis=-1)
+
+
+def lm_objective(z_loss: float):
+    """Next-token cross-entropy: (objective, ({"loss": nll sum}, weight)), summed over tokens."""
+    def objective(graphdef, params, batch):
+        logz, target_logit = _logz_and_target_logits(graphdef, params, batch)
+        w = batch["loss_weights"].reshape(-1)
+        nll = jnp.sum((logz - target_logit) * w)
+        total = nll + z_loss * jnp.sum(jnp.square(logz) * w) if z_loss else nll
+        return total, ({"loss": nll}, jnp.sum(w))
+    return objective
 
 
 def _split_microbatches(batch, n: int):
@@ -46,38 +61,40 @@ def _split_microbatches(batch, n: int):
             for k, v in batch.items()}
 
 
-def make_train_step(cfg: Config, graphdef, optimizer: optax.GradientTransformation):
-    z_loss, n_micro = cfg.optimizer.z_loss, cfg.train.microbatches
+def make_train_step(cfg: Config, graphdef, optimizer: optax.GradientTransformation, objective):
+    """`objective(graphdef, params, batch) -> (total, (sums, weight))` is a sum over the batch's
+    tokens (or pairs); gradients and the logged `sums` are divided by the summed weight."""
+    n_micro = cfg.train.microbatches
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    grad_fn = jax.grad(lambda p, b: token_losses(graphdef, p, b, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda p, b: objective(graphdef, p, b), has_aux=True)
 
     def train_step(state, batch):
         params = state["params"]
         if n_micro == 1:
-            grads, (nll, weight) = grad_fn(params, batch)
+            grads, (sums, weight) = grad_fn(params, batch)
         else:
             def accumulate(carry, micro):
-                g, (n, w) = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (g, n, w)), None
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll, weight), _ = jax.lax.scan(accumulate, zeros,
-                                                   _split_microbatches(batch, n_micro))
+                return jax.tree.map(jnp.add, carry, grad_fn(params, micro)), None
+            micros = _split_microbatches(batch, n_micro)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda v: v[0], micros)))
+            (grads, (sums, weight)), _ = jax.lax.scan(accumulate, zeros, micros)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": nll / weight, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": weight}
+        metrics = {**{k: v / weight for k, v in sums.items()},
+                   "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, objective):
     def eval_step(params, batch):
-        _, (nll, weight) = token_losses(graphdef, params, batch, 0.0)
-        return nll, weight
+        _, (sums, weight) = objective(graphdef, params, batch)
+        return sums, weight
     return eval_step
 
 
@@ -88,21 +105,29 @@ class Trainer:
     state_shardings: Any
     batch_shardings: dict
     init: Callable
+    init_from: Callable  # params -> a fresh state around them (fine-tuning)
     train_step: Callable
     eval_step: Callable
     abstract_state: Any
 
 
-def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+def build_trainer(cfg: Config, mesh: Mesh, objective=None, batch_dims: dict | None = None) -> Trainer:
+    """`objective` defaults to the LM loss; `batch_dims` maps batch keys to their rank (default:
+    the LM batch, all (b, s)). Every batch array is split over the data axes on its first dim."""
     abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.train.seed))
     graphdef, abstract_vars = nnx.split(abstract_model)
     params_sh = named(param_specs(abstract_vars, mesh), mesh)
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
 
-    def init():
-        params = nnx.to_pure_dict(nnx.state(init_model(cfg.model, cfg.train.seed)))
+    objective = objective or lm_objective(cfg.optimizer.z_loss)
+    batch_dims = batch_dims or {k: 2 for k in BATCH_KEYS}
+
+    def init_from(params):
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32)}
+
+    def init():
+        return init_from(nnx.to_pure_dict(nnx.state(init_model(cfg.model, cfg.train.seed))))
 
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, P())
@@ -113,12 +138,15 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     state_sh = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-    batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
-    train_step = jax.jit(make_train_step(cfg, graphdef, optimizer),
+    batch_sh = {k: batch_sharding(mesh, ndim) for k, ndim in batch_dims.items()}
+    train_step = jax.jit(make_train_step(cfg, graphdef, optimizer, objective),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(params_sh, batch_sh),
+    eval_step = jax.jit(make_eval_step(graphdef, objective), in_shardings=(params_sh, batch_sh),
                         out_shardings=replicated)
     return Trainer(graphdef=graphdef, state_shardings=state_sh, batch_shardings=batch_sh,
-                   init=jax.jit(init, out_shardings=state_sh), train_step=train_step,
+                   init=jax.jit(init, out_shardings=state_sh),
+                   init_from=jax.jit(init_from, in_shardings=(params_sh,), out_shardings=state_sh,
+                                     donate_argnums=0),
+                   train_step=train_step,
                    eval_step=eval_step, abstract_state=abstract_state)

@@ -1,0 +1,1 @@
+"""Post-training: SFT on chats and DPO on token-id pairs."""
