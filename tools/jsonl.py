@@ -33,3 +33,16 @@ def lookup(record: dict, dotted: str):
         else:
             raise KeyError(dotted)
     return node
+
+
+def write_jsonl(path: str | Path, rows) -> Path:
+    """Write `rows` as JSONL atomically (tmp + rename): a reader sees the old file or the whole
+    new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

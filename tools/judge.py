@@ -31,19 +31,19 @@ import hashlib
 import json
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from tools import jsonl
+from tools.jsonl import write_jsonl
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "judge.txt"
 SKIP_REASONS = ("identical", "unparseable", "inconsistent", "teacher_error")
 
 __all__ = ["TEMPLATE_PATH", "SKIP_REASONS", "JudgeConfig", "Prompt", "Sampled", "record_error",
            "load_prompts", "load_template", "parse_verdict", "render_judge", "sample_answers",
-           "judge_pairs", "make_pairs", "write_pairs", "main"]
+           "judge_pairs", "make_pairs", "main"]
 
 
 @dataclass
@@ -302,18 +302,6 @@ async def make_pairs(sampler, tokenizer, prompts: list[Prompt], teacher,
     return pairs, stats
 
 
-def write_pairs(pairs: list[dict], out: str | Path) -> Path:
-    """Write the pairs as JSONL atomically (tmp + rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    return out
-
-
 # ---------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
@@ -370,7 +358,7 @@ async def _run(a, cfg: JudgeConfig) -> dict:
         pairs, stats = await make_pairs(sampler, tokenizer, prompts, teacher, cfg)
     if stats["skipped"]["teacher_error"] == stats["prompts"] - stats["skipped"]["identical"] > 0:
         raise ValueError(f"every judged prompt failed at the teacher: {stats['last_error']}")
-    write_pairs(pairs, a.out)
+    write_jsonl(a.out, pairs)
     usage = teacher.usage
     return dict(stats, out=str(a.out), judge_model=a.teacher_model,
                 teacher_requests=usage["requests"], teacher_cache_hits=usage["cache_hits"],

@@ -14,6 +14,7 @@ whole text) followed by the tests in `tools.sandbox`; exit status 0 is success.
 from __future__ import annotations
 
 from tools.answers import normalize_answer
+from tools.jsonl import records
 
 KINDS = ("math", "code", "choice")
 
@@ -54,3 +55,26 @@ def check(question: dict, completion: str, limits=None) -> bool:
         return result.ok
     got = normalize_answer(completion, kind)
     return got is not None and got == normalize_answer(str(question["answer"]), kind)
+
+
+def load_questions(path) -> list[dict]:
+    """The question records of a JSONL file; ValueError naming file:line for a bad or repeated one."""
+    questions, seen = [], {}
+    for lineno, q in records(path):
+        error = question_error(q)
+        if error is None and str(q["id"]) in seen:
+            error = f"id {q['id']!r} already used at line {seen[str(q['id'])]}"
+        if error:
+            raise ValueError(f"{path}:{lineno}: {error}")
+        seen[str(q["id"])] = lineno
+        questions.append(q)
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+def prompt_ids(question: dict, tokenizer) -> list[int]:
+    """What the model continues: `prompt_ids` as given, else the prompt as a user turn."""
+    if question.get("prompt_ids") is not None:
+        return list(question["prompt_ids"])
+    return tokenizer.encode_prompt([{"role": "user", "content": question["prompt"]}])

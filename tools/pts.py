@@ -46,16 +46,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Generator, Sequence
 
-from tools.jsonl import records
-from tools.oracles import check, question_error
+from tools.jsonl import write_jsonl
+from tools.oracles import check, load_questions, prompt_ids, question_error
 
 Prefix = tuple[int, ...]
 
@@ -396,12 +394,6 @@ def pts(questions: list[tuple[str | int, list[int]]], estimate: Estimate, cfg: P
 
 # ------------------------------------------------------------------ the model and the oracle
 
-def prompt_ids(question: dict, tokenizer) -> list[int]:
-    if question.get("prompt_ids") is not None:
-        return list(question["prompt_ids"])
-    return tokenizer.encode_prompt([{"role": "user", "content": question["prompt"]}])
-
-
 class SamplerEstimator:
     """`Estimate` over a `phijax.sampling.Sampler`: rollouts continue prompt + prefix at the
     config's temperature until a stop token or the answer's max_new_tokens; each answer
@@ -462,13 +454,13 @@ def check_prompts(prompts: list[list[int]], labels: list[str], max_len: int, voc
                              f"{cfg.max_new_tokens} exceeds the model's context length {max_len}")
 
 
-def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig, log=None,
-            labels: list[str] | None = None) -> tuple[list[dict], Stats]:
+def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig,
+            log=None) -> tuple[list[dict], Stats]:
     """PTS pairs for question records (see tools.oracles) with a Sampler and its Tokenizer.
     Every record and prompt is checked before anything is sampled."""
     cfg.validate()
-    labels = labels or [f"question {q.get('id') if isinstance(q, dict) else i}"
-                        for i, q in enumerate(questions)]
+    labels = [f"question {q.get('id') if isinstance(q, dict) else i}"
+              for i, q in enumerate(questions)]
     for q, label in zip(questions, labels):
         error = question_error(q)
         if error:
@@ -480,29 +472,6 @@ def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig, log=None,
 
 
 # ------------------------------------------------------------------ CLI
-
-def load_questions(path: str | Path) -> tuple[list[dict], list[str]]:
-    """Question records and their `file:line` labels; ValueError naming the first bad line."""
-    questions, labels = [], []
-    for lineno, q in records(path):
-        error = question_error(q)
-        if error:
-            raise ValueError(f"{path}:{lineno}: {error}")
-        questions.append(q)
-        labels.append(f"{path}:{lineno}")
-    return questions, labels
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
 
 def _parser() -> argparse.ArgumentParser:
     d = PTSConfig()
@@ -538,10 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                     answers_per_question=args.answers_per_question, batch_rows=args.batch_rows)
     try:
         cfg.validate()
-        questions, labels = load_questions(args.questions)
+        questions = load_questions(args.questions)
         from phijax.sampling import load_sampler  # JAX only once the inputs are known good
         sampler, tokenizer = load_sampler(args.model)
-        pairs, stats = run_pts(sampler, tokenizer, questions, cfg, labels=labels,
+        pairs, stats = run_pts(sampler, tokenizer, questions, cfg,
                                log=(lambda line: None) if args.quiet else None)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
