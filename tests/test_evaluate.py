@@ -1,0 +1,148 @@
+"""tools.evaluate: accuracy and standard error over a real (tiny, hand-set) checkpoint, the CLI's
+table and JSON line, and one-line errors for bad question records."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from phijax.config import Config, ModelConfig
+from phijax.data.tokenizer import Tokenizer, train_tokenizer
+from phijax.model import init_model
+from phijax.sampling import load_sampler
+from phijax.weights import save_params
+from tools import arith
+from tools.evaluate import evaluate, summarize
+from tools.oracles import load_questions
+
+CFG = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory whose model ignores its input: every embedding is the same vector and
+    the blocks add nothing, so the last hidden state is constant, and the LM head puts the
+    pieces "7" and "8" far above every other token (logits 32 and 31.7). Greedy decoding says
+    "7", sampling "7" (p = 0.58) or "8" (p = 0.42)."""
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    texts = [p["question"] + " " + p["solution"] for p in arith.generate("train", 300)]
+    path = train_tokenizer(texts, run / "tokenizer", vocab_size=320, multiple=128)
+    tok = Tokenizer(path)
+    seven, eight = (tok.encode([d])[0] for d in ("7", "8"))
+    assert len(seven) == len(eight) == 1
+    params = nnx.to_pure_dict(nnx.state(init_model(CFG, 0)))
+    params["embed"] = jnp.ones_like(params["embed"])
+    params["layers"]["attn"]["o"] = jnp.zeros_like(params["layers"]["attn"]["o"])
+    params["layers"]["mlp"]["down"] = jnp.zeros_like(params["layers"]["mlp"]["down"])
+    head = np.zeros(params["lm_head"].shape, np.float32)
+    head[:, seven[0]], head[:, eight[0]] = 1.0, 0.99  # the hidden state is all ones
+    params["lm_head"] = jnp.asarray(head)
+    save_params(run, Config(model=CFG), params)
+    path.rename(run / "tokenizer.model")
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_sampler(run_dir)
+
+
+def _questions(answers):
+    return [{"id": f"q{i}", "kind": "math", "prompt": f"Tom has {i} apples. How many?",
+             "answer": a} for i, a in enumerate(answers)]
+
+
+def test_summarize_averages_samples_per_question_then_takes_stderr_over_questions():
+    one = summarize([[True], [True], [True], [False]])
+    assert one["accuracy"] == 0.75 and one["n"] == 4
+    assert one["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))  # binomial
+    many = summarize([[True, False], [True, True], [False, False], [True, False]])
+    assert many["accuracy"] == pytest.approx(0.5)
+    rates = np.array([0.5, 1.0, 0.0, 0.5])
+    assert many["stderr"] == pytest.approx(math.sqrt(rates.var() / 4))
+    assert summarize([[True, True]] * 5)["stderr"] == 0.0
+
+
+# Every evaluate call below runs 4 prompts x 8 rows per generate call (one compiled program)
+# but the one that checks batching, so the file compiles twice.
+
+def test_greedy_accuracy_on_a_controlled_model(loaded):
+    sampler, tok = loaded
+    qs = _questions(["7", "7", "8", "7", "7", "9"])
+    out = evaluate(sampler, tok, qs, temperature=0.0, max_new_tokens=1, batch=4, details=True)
+    assert [r["completions"] for r in out["results"]] == [["7"]] * 6
+    assert [r["correct"] for r in out["results"]] == [1, 1, 0, 1, 1, 0]
+    assert out["accuracy"] == pytest.approx(4 / 6) and out["n"] == 6
+    assert out["stderr"] == pytest.approx(math.sqrt(4 / 6 * 2 / 6 / 6))
+    assert evaluate(sampler, tok, _questions(["7"] * 4), max_new_tokens=1, batch=4)["accuracy"] == 1.0
+    assert evaluate(sampler, tok, _questions(["5"] * 4), max_new_tokens=1, batch=4)["accuracy"] == 0.0
+    # prompt_ids are used as given; longer completions are decoded whole ("777")
+    ids = tok.encode_prompt([{"role": "user", "content": "Tom has 3 apples."}])
+    q = {"id": "ids", "kind": "math", "prompt_ids": ids, "answer": "777"}
+    out = evaluate(sampler, tok, [q] + _questions(["7"] * 3), max_new_tokens=3, batch=4,
+                   details=True)
+    assert out["results"][0]["completions"] == ["777"] and out["accuracy"] == 0.25
+
+
+def test_samples_are_averaged_per_question_and_fixed_by_seed_and_id(loaded):
+    sampler, tok = loaded
+    qs = _questions(["7"] * 16)
+    run = lambda qs, seed, batch: evaluate(sampler, tok, qs, temperature=1.0, samples=2,
+                                           max_new_tokens=1, seed=seed, batch=batch, details=True)
+    out = run(qs, 3, 8)
+    rates = np.array([r["correct"] / r["samples"] for r in out["results"]])
+    assert {c for r in out["results"] for c in r["completions"]} == {"7", "8"}
+    assert 0.2 < out["accuracy"] < 0.8 and out["accuracy"] == pytest.approx(rates.mean())
+    assert out["stderr"] == pytest.approx(math.sqrt(rates.var() / 16))
+    again = run(qs[::-1], 3, 4)  # another order and batching: the same samples
+    assert {r["id"]: r["completions"] for r in again["results"]} == \
+        {r["id"]: r["completions"] for r in out["results"]}
+    other = run(qs, 4, 8)
+    assert [r["completions"] for r in other["results"]] != [r["completions"] for r in out["results"]]
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "tools.evaluate", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_a_table_and_one_json_line(run_dir, tmp_path):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in _questions(["7", "7", "7", "8"])))
+    res = _cli("--model", run_dir, "--questions", qfile, "--max-new-tokens", "1",
+               "--results", tmp_path / "r.jsonl")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("model") and any(l.startswith("accuracy") for l in lines)
+    out = json.loads(lines[-1])
+    assert out["accuracy"] == 0.75 and out["n"] == 4 and out["temperature"] == 0.0
+    assert out["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    results = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in results] == [1, 1, 1, 0]
+    assert "questions/s" in res.stderr
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"id": "a", "kind": "math", "prompt": "x"}', "needs a string answer"),
+    ('{"id": "a", "kind": "poem", "prompt": "x", "answer": "1"}', "kind must be one of"),
+    ('{"id": "a", "kind": "math", "prompt": "x", "answer": "1"', "invalid JSON"),
+    ('{"id": "q0", "kind": "math", "prompt": "x", "answer": "1"}', "already used at line 1"),
+])
+def test_a_bad_record_fails_in_one_line_naming_file_and_line(tmp_path, line, reason):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps(_questions(["1"])[0]) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"q.jsonl:3: .*{reason}"):
+        load_questions(qfile)
+    if "already" in reason:  # one CLI run: the model (missing here) is never loaded
+        res = _cli("--model", tmp_path / "no-such-run", "--questions", qfile)
+        assert res.returncode == 2 and res.stdout == ""
+        assert res.stderr.strip().count("\n") == 0
+        assert f"{qfile}:3: id 'q0' already used at line 1" in res.stderr
