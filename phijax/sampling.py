@@ -113,10 +113,17 @@ def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
     q = (q * jnp.asarray(d ** -0.5, dt)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
-    scores = jnp.einsum("bkqd,bktd->bkqt", q, cache_k, preferred_element_type=jnp.float32)
+    if s * g <= 8:  # decoding: a handful of queries per row, where a batched matmul of
+        # (b * kv) tiny products is slow on CPU; multiply-and-reduce reads the cache once.
+        scores = jnp.sum(q[:, :, :, None].astype(jnp.float32) * cache_k[:, :, None], axis=-1)
+    else:
+        scores = jnp.einsum("bkqd,bktd->bkqt", q, cache_k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkqt,bktd->bkqd", probs, cache_v).reshape(b, kv, s, g, d)
+    if s * g <= 8:
+        out = jnp.sum(probs[..., None] * cache_v[:, :, None], axis=3).reshape(b, kv, s, g, d)
+    else:
+        out = jnp.einsum("bkqt,bktd->bkqd", probs, cache_v).reshape(b, kv, s, g, d)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b * s, kv * g * d)
     x = x + (out @ w["attn"]["o"].astype(dt).reshape(-1, e)).reshape(b, s, e)
     h = _norm(x, w["mlp_norm"]["scale"], cfg.rms_norm_eps).reshape(b * s, e)
