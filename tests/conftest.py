@@ -38,3 +38,40 @@ def run_cli(*args, devices: int = 1, check: bool = True, **popen):
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+SEVEN_EIGHT_MODEL = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+
+
+def seven_or_eight_run(run: Path) -> Path:
+    """A run directory whose model ignores its input: every embedding is the same vector and
+    the blocks add nothing, so the last hidden state is constant, and the LM head puts the
+    pieces "7" and "8" far above every other token (logits 32 and 31.7). Greedy decoding says
+    "7", sampling "7" (p = 0.58) or "8" (p = 0.42). Model shape: SEVEN_EIGHT_MODEL."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from phijax.config import Config, ModelConfig
+    from phijax.data.tokenizer import Tokenizer, train_tokenizer
+    from phijax.model import init_model
+    from phijax.weights import save_params
+    from tools import arith
+
+    cfg = ModelConfig(**SEVEN_EIGHT_MODEL)
+    texts = [p["question"] + " " + p["solution"] for p in arith.generate("train", 300)]
+    path = train_tokenizer(texts, run / "tokenizer", vocab_size=320, multiple=128)
+    tok = Tokenizer(path)
+    seven, eight = (tok.encode([d])[0] for d in ("7", "8"))
+    assert len(seven) == len(eight) == 1
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0)))
+    params["embed"] = jnp.ones_like(params["embed"])
+    params["layers"]["attn"]["o"] = jnp.zeros_like(params["layers"]["attn"]["o"])
+    params["layers"]["mlp"]["down"] = jnp.zeros_like(params["layers"]["mlp"]["down"])
+    head = np.zeros(params["lm_head"].shape, np.float32)
+    head[:, seven[0]], head[:, eight[0]] = 1.0, 0.99  # the hidden state is all ones
+    params["lm_head"] = jnp.asarray(head)
+    save_params(run, Config(model=cfg), params)
+    path.rename(run / "tokenizer.model")
+    return run

@@ -6,47 +6,17 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from conftest import ROOT
-from phijax.config import Config, ModelConfig
-from phijax.data.tokenizer import Tokenizer, train_tokenizer
-from phijax.model import init_model
+from conftest import ROOT, seven_or_eight_run
 from phijax.sampling import load_sampler
-from phijax.weights import save_params
-from tools import arith
 from tools.evaluate import evaluate, summarize
 from tools.oracles import load_questions
 
-CFG = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run directory whose model ignores its input: every embedding is the same vector and
-    the blocks add nothing, so the last hidden state is constant, and the LM head puts the
-    pieces "7" and "8" far above every other token (logits 32 and 31.7). Greedy decoding says
-    "7", sampling "7" (p = 0.58) or "8" (p = 0.42)."""
-    run = tmp_path_factory.mktemp("evaluate") / "run"
-    texts = [p["question"] + " " + p["solution"] for p in arith.generate("train", 300)]
-    path = train_tokenizer(texts, run / "tokenizer", vocab_size=320, multiple=128)
-    tok = Tokenizer(path)
-    seven, eight = (tok.encode([d])[0] for d in ("7", "8"))
-    assert len(seven) == len(eight) == 1
-    params = nnx.to_pure_dict(nnx.state(init_model(CFG, 0)))
-    params["embed"] = jnp.ones_like(params["embed"])
-    params["layers"]["attn"]["o"] = jnp.zeros_like(params["layers"]["attn"]["o"])
-    params["layers"]["mlp"]["down"] = jnp.zeros_like(params["layers"]["mlp"]["down"])
-    head = np.zeros(params["lm_head"].shape, np.float32)
-    head[:, seven[0]], head[:, eight[0]] = 1.0, 0.99  # the hidden state is all ones
-    params["lm_head"] = jnp.asarray(head)
-    save_params(run, Config(model=CFG), params)
-    path.rename(run / "tokenizer.model")
-    return run
+    return seven_or_eight_run(tmp_path_factory.mktemp("evaluate") / "run")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,245 @@
+"""The post-training toy experiment: does PTS-DPO beat sequence DPO on held-out questions?
+
+    python -m tools.pts_experiment configs/experiments/pts-arith.yaml [key=value ...]
+
+One command runs every stage, each skipped when its output already exists (rerun to resume):
+
+  1. data      `tools.arith` word problems: train chats, held-out questions (held-out story
+               templates), PTS questions (train templates, fresh numbers)     -> OUT/data/
+  2. base      `phijax train` on the chats from scratch                        -> OUT/base
+               (or `base_run`: an existing run directory)
+  3. PTS       `tools.pts` on the PTS questions with the base model            -> OUT/pairs-pts.jsonl
+  4. sequence  as many full-sequence pairs (a correct sampled answer chosen, an incorrect one
+               rejected), from the same questions first                        -> OUT/pairs-seq.jsonl
+  5. DPO       `phijax dpo` from the base on each pair set, same config and steps
+                                                                                -> OUT/dpo-pts, OUT/dpo-seq
+  6. eval      held-out accuracy of the three models with its standard error  -> OUT/results.json
+
+It prints a table (accuracy ± standard error per model, lift over the base in points) and one
+JSON line. Overrides are dotted keys of this config (`out=runs/x`, `pts.rollouts=16`,
+`dpo_overrides=[train.steps=50]`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from phijax.config import ConfigError, from_dict, parse_overrides
+from tools.pts import PTSConfig
+
+log = logging.getLogger("phijax")
+
+
+@dataclass
+class TaskConfig:
+    train: int = 20000
+    heldout: int = 1000
+    pts: int = 400
+
+
+@dataclass
+class EvalConfig:
+    temperature: float = 0.0
+    samples: int = 1
+    max_new_tokens: int = 64
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "runs/pts-arith"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    base_config: str = "configs/experiments/arith-base.yaml"
+    base_overrides: list[str] = field(default_factory=list)
+    base_run: Optional[str] = None  # an existing run directory to use instead of training one
+    pts: PTSConfig = field(default_factory=PTSConfig)
+    sequence_samples: int = 16  # answers sampled per question to find a correct/incorrect pair
+    dpo_config: str = "configs/experiments/arith-dpo.yaml"
+    dpo_overrides: list[str] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, value in parse_overrides(list(overrides)):
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    cfg = from_dict(ExperimentConfig, raw, "")
+    try:
+        cfg.pts.validate()
+    except ValueError as e:
+        raise ConfigError(f"pts: {e}") from None
+    for name in ("base_config", "dpo_config"):
+        if not Path(getattr(cfg, name)).is_file():
+            raise ConfigError(f"{name}: {getattr(cfg, name)} does not exist")
+    return cfg
+
+
+# ---------------------------------------------------------------- stages
+
+def _data(cfg: ExperimentConfig, out: Path) -> Path:
+    from tools.arith import write_task
+    data = out / "data"
+    if not all((data / f"{n}.jsonl").is_file() for n in ("train", "heldout", "pts")):
+        write_task(data, train=cfg.task.train, heldout=cfg.task.heldout, pts=cfg.task.pts,
+                   seed=cfg.seed)
+    return data
+
+
+def _train(config: str, overrides: list[str], task=None) -> None:
+    from phijax.config import load_config
+    from phijax.train.loop import lm_task, train
+    train(load_config(config, overrides), task or lm_task)
+
+
+def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, count: int,
+                    cfg: ExperimentConfig) -> list[dict]:
+    """`count` full-sequence pairs (correct sampled answer chosen, incorrect rejected), taken
+    round-robin over questions, those in `first_ids` first."""
+    from phijax.sampling import Request
+    from tools.oracles import check, prompt_ids
+    rank = {qid: i for i, qid in enumerate(first_ids)}
+    ordered = sorted(questions, key=lambda q: rank.get(q["id"], len(rank)))
+    stops = (tokenizer.im_end_id, tokenizer.eos_id)
+    prompts = [prompt_ids(q, tokenizer) for q in ordered]
+    outcomes = []  # per question: (correct answers, incorrect answers)
+    for start in range(0, len(ordered), 32):
+        requests = [Request(p, n=cfg.sequence_samples, max_new_tokens=cfg.pts.max_new_tokens,
+                            temperature=cfg.pts.temperature, stop_ids=stops, seed=cfg.seed + i)
+                    for i, p in enumerate(prompts[start:start + 32], start)]
+        for q, samples in zip(ordered[start:start + 32], sampler.generate(requests)):
+            good, bad = [], []
+            for s in samples:
+                text = tokenizer.decode([t for t in s.tokens if t not in stops])
+                (good if check(q, text) else bad).append(s.tokens)
+            outcomes.append((good, bad))
+        if sum(min(len(g), len(b)) for g, b in outcomes) >= count:
+            break
+    pairs, used = [], {}
+    while len(pairs) < count:
+        added = False
+        for q, p, (good, bad) in zip(ordered, prompts, outcomes):
+            k = used.get(q["id"], 0)
+            if k < min(len(good), len(bad)) and len(pairs) < count:
+                pairs.append({"id": f"{q['id']}/seq/{k}", "prompt_ids": p, "chosen_ids": good[k],
+                              "rejected_ids": bad[k], "question_id": q["id"], "kind": "sequence"})
+                used[q["id"]] = k + 1
+                added = True
+        if not added:
+            break
+    return pairs
+
+
+def _evaluate(run_dir: Path, questions: list[dict], cfg: ExperimentConfig) -> dict:
+    from phijax.sampling import load_sampler
+    from tools.evaluate import evaluate
+    sampler, tokenizer = load_sampler(run_dir)
+    e = cfg.eval
+    return evaluate(sampler, tokenizer, questions, temperature=e.temperature, samples=e.samples,
+                    max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=256)
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    from phijax.posttrain.dpo import dpo_task
+    from phijax.sampling import load_sampler
+    from tools.jsonl import write_jsonl
+    from tools.oracles import load_questions
+    from tools.pts import run_pts
+
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    data = _data(cfg, out)
+    heldout, pts_questions = load_questions(data / "heldout.jsonl"), load_questions(data / "pts.jsonl")
+    if cfg.base_run:
+        base = Path(cfg.base_run)
+    else:
+        base = out / "base"
+        _train(cfg.base_config, [f"data.corpus=[{data / 'train.jsonl'}]", f"run.dir={base}",
+                                 *cfg.base_overrides])
+    pairs_pts, pairs_seq = out / "pairs-pts.jsonl", out / "pairs-seq.jsonl"
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not pairs_pts.is_file() or not pairs_seq.is_file():
+        sampler, tokenizer = load_sampler(base)
+        if not pairs_pts.is_file():
+            pairs, stats = run_pts(sampler, tokenizer, pts_questions, cfg.pts,
+                                   log=lambda m: log.info("pts: %s", m))
+            if not pairs:
+                raise RuntimeError(f"PTS found no pairs ({stats.summary()}); see {base}")
+            results["pts_search"] = stats.summary()
+            write_jsonl(pairs_pts, pairs)
+        pts = [json.loads(l) for l in pairs_pts.read_text().splitlines()]
+        first = list(dict.fromkeys(p["question_id"] for p in pts))
+        seq = _sequence_pairs(sampler, tokenizer, pts_questions, first, len(pts), cfg)
+        write_jsonl(pairs_seq, seq)
+        del sampler
+    counts = {name: len(path.read_text().splitlines())
+              for name, path in (("pts", pairs_pts), ("sequence", pairs_seq))}
+    for name, pairs in (("pts", pairs_pts), ("seq", pairs_seq)):
+        _train(cfg.dpo_config, [f"run.init_from={base}", f"dpo.pairs={pairs}",
+                                f"run.dir={out / ('dpo-' + name)}", *cfg.dpo_overrides], dpo_task)
+    for name, run_dir in (("base", base), ("sequence_dpo", out / "dpo-seq"),
+                          ("pts_dpo", out / "dpo-pts")):
+        if name not in results:
+            results[name] = _evaluate(run_dir, heldout, cfg)
+            results_path.write_text(json.dumps(results, indent=1))
+    results["pairs"] = counts
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results_path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def format_table(results: dict) -> str:
+    base = results["base"]["accuracy"]
+    rows = ["| model | held-out accuracy | ± stderr | lift (points) | DPO pairs |",
+            "|---|---|---|---|---|"]
+    for name, label, pairs in (("base", "base (before DPO)", "–"),
+                               ("sequence_dpo", "sequence DPO", results["pairs"]["sequence"]),
+                               ("pts_dpo", "PTS DPO", results["pairs"]["pts"])):
+        r = results[name]
+        lift = "–" if name == "base" else f"{100 * (r['accuracy'] - base):+.1f}"
+        rows.append(f"| {label} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {lift} | {pairs} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.pts_experiment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="experiment YAML, e.g. configs/experiments/pts-arith.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x pts.rollouts=16")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        results = run(cfg)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    n = results["base"]["n"]
+    print(json.dumps({"heldout_questions": n, "temperature": cfg.eval.temperature,
+                      **{k: {"accuracy": results[k]["accuracy"], "stderr": results[k]["stderr"]}
+                         for k in ("base", "sequence_dpo", "pts_dpo")},
+                      "pairs": results["pairs"], "seconds": results["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
