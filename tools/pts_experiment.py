@@ -13,7 +13,9 @@ One command runs every stage, each skipped when its output already exists (rerun
                rejected), from the same questions first                        -> OUT/pairs-seq.jsonl
   5. DPO       `phijax dpo` from the base on each pair set, same config and steps
                                                                                 -> OUT/dpo-pts, OUT/dpo-seq
-  6. eval      held-out accuracy of the three models with its standard error  -> OUT/results.json
+  6. eval      held-out accuracy of the three models with its standard error, greedy and
+               sampled (`eval.samples` answers per question at `eval.temperature`)
+                                                                                -> OUT/results.json
 
 It prints a table (accuracy ± standard error per model, lift over the base in points) and one
 JSON line. Overrides are dotted keys of this config (`out=runs/x`, `pts.rollouts=16`,
@@ -42,13 +44,15 @@ log = logging.getLogger("phijax")
 class TaskConfig:
     train: int = 20000
     heldout: int = 1000
-    pts: int = 400
+    pts: int = 1000
 
 
 @dataclass
 class EvalConfig:
-    temperature: float = 0.0
-    samples: int = 1
+    """Every model is scored twice on the held-out questions: greedy (one answer each) and
+    sampled (`samples` answers each at `temperature`, the distribution PTS acts on)."""
+    temperature: float = 1.0
+    samples: int = 4
     max_new_tokens: int = 64
 
 
@@ -144,13 +148,18 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
     return pairs
 
 
+MODES = ("greedy", "sampled")
+
+
 def _evaluate(run_dir: Path, questions: list[dict], cfg: ExperimentConfig) -> dict:
     from phijax.sampling import load_sampler
     from tools.evaluate import evaluate
     sampler, tokenizer = load_sampler(run_dir)
     e = cfg.eval
-    return evaluate(sampler, tokenizer, questions, temperature=e.temperature, samples=e.samples,
-                    max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=256)
+    score = lambda temperature, samples: evaluate(
+        sampler, tokenizer, questions, temperature=temperature, samples=samples,
+        max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=512)
+    return {"greedy": score(0.0, 1), "sampled": score(e.temperature, e.samples)}
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -203,16 +212,19 @@ def run(cfg: ExperimentConfig) -> dict:
     return results
 
 
-def format_table(results: dict) -> str:
-    base = results["base"]["accuracy"]
-    rows = ["| model | held-out accuracy | ± stderr | lift (points) | DPO pairs |",
-            "|---|---|---|---|---|"]
+def format_table(results: dict, cfg: ExperimentConfig) -> str:
+    e = cfg.eval
+    rows = [f"| model | DPO pairs | greedy accuracy ± stderr | lift (points) | T={e.temperature:g}, "
+            f"{e.samples}/question accuracy ± stderr | lift (points) |", "|---|---|---|---|---|---|"]
     for name, label, pairs in (("base", "base (before DPO)", "–"),
                                ("sequence_dpo", "sequence DPO", results["pairs"]["sequence"]),
                                ("pts_dpo", "PTS DPO", results["pairs"]["pts"])):
-        r = results[name]
-        lift = "–" if name == "base" else f"{100 * (r['accuracy'] - base):+.1f}"
-        rows.append(f"| {label} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {lift} | {pairs} |")
+        cells = []
+        for mode in MODES:
+            r, base = results[name][mode], results["base"][mode]["accuracy"]
+            lift = "–" if name == "base" else f"{100 * (r['accuracy'] - base):+.1f}"
+            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}", lift]
+        rows.append(f"| {label} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -232,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    n = results["base"]["n"]
-    print(json.dumps({"heldout_questions": n, "temperature": cfg.eval.temperature,
-                      **{k: {"accuracy": results[k]["accuracy"], "stderr": results[k]["stderr"]}
+    print(format_table(results, cfg))
+    print(json.dumps({"heldout_questions": results["base"]["greedy"]["n"],
+                      "sampled": {"temperature": cfg.eval.temperature, "samples": cfg.eval.samples},
+                      **{k: {mode: {"accuracy": results[k][mode]["accuracy"],
+                                    "stderr": results[k][mode]["stderr"]} for mode in MODES}
                          for k in ("base", "sequence_dpo", "pts_dpo")},
                       "pairs": results["pairs"], "seconds": results["seconds"]}))
     return 0
