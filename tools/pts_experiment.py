@@ -121,6 +121,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
     stops = (tokenizer.im_end_id, tokenizer.eos_id)
     prompts = [prompt_ids(q, tokenizer) for q in ordered]
     outcomes = []  # per question: (correct answers, incorrect answers)
+    t0 = time.perf_counter()
     for start in range(0, len(ordered), 32):
         requests = [Request(p, n=cfg.sequence_samples, max_new_tokens=cfg.pts.max_new_tokens,
                             temperature=cfg.pts.temperature, stop_ids=stops, seed=cfg.seed + i)
@@ -131,7 +132,11 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
                 text = tokenizer.decode([t for t in s.tokens if t not in stops])
                 (good if check(q, text) else bad).append(s.tokens)
             outcomes.append((good, bad))
-        if sum(min(len(g), len(b)) for g, b in outcomes) >= count:
+        found = sum(min(len(g), len(b)) for g, b in outcomes)
+        log.info("sequence pairs: %d/%d questions sampled, %d of %d pairs found, %.0f rollouts/s",
+                 len(outcomes), len(ordered), min(found, count), count,
+                 len(outcomes) * cfg.sequence_samples / (time.perf_counter() - t0))
+        if found >= count:
             break
     pairs, used = [], {}
     while len(pairs) < count:
