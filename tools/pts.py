@@ -294,12 +294,18 @@ class _Driver:
     def _run(self, jobs: list[Job], stage: str) -> list[Rollouts]:
         if not jobs:
             return []
-        t0, out = time.perf_counter(), []
-        for chunk in self._chunks(jobs):
+        t0, out = time.perf_counter(), [None] * len(jobs)
+        # Calls of similar prefix lengths: a call decodes until its longest row's budget
+        # (max_new_tokens - prefix length), so mixing short and long prefixes wastes steps.
+        order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prefix))
+        done = 0
+        for chunk in self._chunks([jobs[i] for i in order]):
             got = self.estimate(chunk)
             if len(got) != len(chunk):
                 raise RuntimeError(f"estimate gave {len(got)} results for {len(chunk)} jobs")
-            out += got
+            for r in got:
+                out[order[done]] = r
+                done += 1
             self.stats.calls += 1
         sampled = 0
         for job, got in zip(jobs, out):
