@@ -195,7 +195,7 @@ def pick_threads(hf: HFSampler, prompt: list[int], cfg: PTSConfig, tokenizer) ->
 
     request = Request(prompt, n=3 * hf.batch, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature,
-                      stop_ids=tuple(dict.fromkeys((tokenizer.im_end_id, tokenizer.eos_id))))
+                      stop_ids=tokenizer.stop_ids)
     best = None
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from phijax.data.tokenizer import IM_END, IM_SEP, IM_START, render_chat
+from phijax.data.tokenizer import IM_SEP, IM_START, render_chat
 
 log = logging.getLogger("phijax.serve")
 
@@ -209,7 +209,6 @@ class Server(ThreadingHTTPServer):
         self.vocab_size = sp.get_piece_size()
         self.token_bytes = [_piece_bytes(sp, i) for i in range(self.vocab_size)]
         self.eos_id = tokenizer.eos_id
-        self.im_end_id = sp.piece_to_id(IM_END)
         self.stats = {"requests": 0, "generate_calls": 0, "batched_jobs": 0, "samples": 0,
                       "largest_batch": 0, "errors": 0}
         self._stats_lock = threading.Lock()
@@ -523,7 +522,7 @@ class Server(ThreadingHTTPServer):
             raise _bad_value("top_logprobs", "requires logprobs to be true.")
         if top:
             raise _unsupported("top_logprobs", " (only 0)")
-        special = (self.im_end_id, self.eos_id)
+        special = self.tokenizer.stop_ids
         requests, stops = self._sampling(body, [prompt], None,
                                          ("max_completion_tokens", "max_tokens"), "messages",
                                          special)

@@ -25,10 +25,9 @@ import logging
 import math
 import sys
 import time
-import zlib
 from pathlib import Path
 
-from tools.oracles import check, load_questions, prompt_ids
+from tools.oracles import check, load_questions, prompt_ids, question_seed
 
 log = logging.getLogger("tools.evaluate")
 
@@ -46,11 +45,6 @@ def summarize(scores: list[list[bool]]) -> dict:
     return {"accuracy": p, "stderr": math.sqrt(var / n), "n": n}
 
 
-def _seed(seed: int, qid) -> int:
-    """A question's sampling seed: fixed by (seed, id), whatever the batch or order."""
-    return zlib.crc32(f"{seed}/{qid}".encode())
-
-
 def evaluate(sampler, tokenizer, questions: list[dict], temperature: float = 0.0,
              samples: int = 1, max_new_tokens: int = 64, seed: int = 0, batch: int = 64,
              top_p: float = 1.0, details: bool = False) -> dict:
@@ -61,7 +55,7 @@ def evaluate(sampler, tokenizer, questions: list[dict], temperature: float = 0.0
     {"id", "correct" (samples that succeeded), "samples", "completions"}."""
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    stop = (tokenizer.im_end_id, tokenizer.eos_id)
+    stop = tokenizer.stop_ids
     per_call = max(1, batch // samples)
     scores, results, t0 = [], [], time.perf_counter()
     for start in range(0, len(questions), per_call):
@@ -94,7 +88,7 @@ def evaluate(sampler, tokenizer, questions: list[dict], temperature: float = 0.0
 def _request(q, tokenizer, temperature, samples, max_new_tokens, seed, top_p, stop):
     from phijax.sampling import Request
     return Request(prompt_ids(q, tokenizer), n=samples, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, stop_ids=stop, seed=_seed(seed, q["id"]))
+                   temperature=temperature, top_p=top_p, stop_ids=stop, seed=question_seed(seed, q["id"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from typing import Optional
 
 from tools import jsonl
 from tools.jsonl import write_jsonl
+from tools.oracles import question_seed
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "judge.txt"
 SKIP_REASONS = ("identical", "unparseable", "inconsistent", "teacher_error")
@@ -178,8 +179,7 @@ def parse_verdict(text: str) -> Optional[str]:
 def _answer_text(tokens: list[int], tokenizer) -> str:
     """The text the judge reads: no closing stop token, no ids the tokenizer lacks (a model's
     vocabulary may be padded past the tokenizer's)."""
-    stops = (tokenizer.im_end_id, tokenizer.eos_id)
-    tokens = tokens[:-1] if tokens and tokens[-1] in stops else tokens
+    tokens = tokens[:-1] if tokens and tokens[-1] in tokenizer.stop_ids else tokens
     return tokenizer.decode([t for t in tokens if 0 <= t < tokenizer.vocab_size])
 
 
@@ -255,19 +255,12 @@ async def judge_pairs(samples: list[Sampled], tokenizer, teacher, cfg: JudgeConf
 
 # ---------------------------------------------------------------- sampling, end to end
 
-def _seed(seed: int, prompt_id) -> int:
-    """A per-prompt seed: a prompt's samples do not depend on file order or chunking."""
-    digest = hashlib.sha256(json.dumps([seed, prompt_id]).encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 1
-
-
 def sample_answers(sampler, tokenizer, prompts: list[Prompt], cfg: JudgeConfig) -> list[Sampled]:
     """Two answers per prompt, from one `generate` call."""
     from phijax.sampling import Request
-    stops = (tokenizer.im_end_id, tokenizer.eos_id)
     out = sampler.generate([Request(p.prompt_ids, n=2, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_p=cfg.top_p,
-                                    stop_ids=stops, seed=_seed(cfg.seed, p.id)) for p in prompts])
+                                    stop_ids=tokenizer.stop_ids, seed=question_seed(cfg.seed, p.id)) for p in prompts])
     return [Sampled(p, [s.tokens for s in samples]) for p, samples in zip(prompts, out)]
 
 

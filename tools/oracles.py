@@ -13,6 +13,8 @@ whole text) followed by the tests in `tools.sandbox`; exit status 0 is success.
 """
 from __future__ import annotations
 
+import zlib
+
 from tools.answers import normalize_answer
 from tools.jsonl import records
 
@@ -71,6 +73,12 @@ def load_questions(path) -> list[dict]:
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
+
+
+def question_seed(seed: int, qid) -> int:
+    """A question's (or prompt's) sampling seed: fixed by (seed, id), so its samples do not
+    depend on batching, chunking or file order."""
+    return zlib.crc32(f"{seed}/{qid}".encode())
 
 
 def prompt_ids(question: dict, tokenizer) -> list[int]:

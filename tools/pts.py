@@ -410,7 +410,7 @@ class SamplerEstimator:
                  cfg: PTSConfig):
         self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
         self.questions, self.prompts = questions, prompts
-        self.stop_ids = tuple(dict.fromkeys((tokenizer.im_end_id, tokenizer.eos_id)))
+        self.stop_ids = tokenizer.stop_ids
         self.judged: dict[tuple[int, str], bool] = {}
 
     def finished(self, prefix: Prefix) -> bool:

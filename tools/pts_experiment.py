@@ -118,7 +118,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
     from tools.oracles import check, prompt_ids
     rank = {qid: i for i, qid in enumerate(first_ids)}
     ordered = sorted(questions, key=lambda q: rank.get(q["id"], len(rank)))
-    stops = (tokenizer.im_end_id, tokenizer.eos_id)
+    stops = tokenizer.stop_ids
     prompts = [prompt_ids(q, tokenizer) for q in ordered]
     outcomes = []  # per question: (correct answers, incorrect answers)
     t0 = time.perf_counter()

@@ -151,6 +151,11 @@ class Tokenizer:
     def im_end_id(self) -> int:
         return self.sp.piece_to_id(IM_END)
 
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """Where a chat reply ends: <|im_end|>, or <|endoftext|>."""
+        return (self.im_end_id, self.eos_id)
+
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], np.ndarray]:
         """Token ids of the rendered chat and a 0/1 loss mask, on for assistant tokens only.
 
