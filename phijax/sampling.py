@@ -98,8 +98,10 @@ def _norm(x, scale, eps):
 def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
     """One block on x (b, s, e) at cache slots [slot, slot + s); returns x and the cache.
 
-    The cache is laid out (b, kv_heads, slots, head_dim), so attention is a matmul batched over
-    (b, kv_heads) with no transposes of the cache; projections are 2-D matmuls over b * s rows.
+    Keys are cached (b, kv_heads, head_dim, slots) and values (b, kv_heads, slots, head_dim):
+    both attention products then reduce over a major axis with the slots (or head_dim) minor,
+    which vectorizes on CPU, and the cache is never transposed; projections are 2-D matmuls over
+    b * s rows.
     """
     dt = x.dtype
     b, s, e = x.shape
@@ -109,15 +111,15 @@ def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
     qkv = (h @ w["attn"]["qkv"].astype(dt).reshape(e, -1)).reshape(b, s, kv, g + 2, d)
     q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
     q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, s, d)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv, d, s), (b, kv, s, d)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, slot))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
     q = (q * jnp.asarray(d ** -0.5, dt)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
     if s * g <= 8:  # decoding: a handful of queries per row, where a batched matmul of
         # (b * kv) tiny products is slow on CPU; multiply-and-reduce reads the cache once.
-        scores = jnp.sum(q[:, :, :, None].astype(jnp.float32) * cache_k[:, :, None], axis=-1)
+        scores = jnp.sum(q[..., None].astype(jnp.float32) * cache_k[:, :, None], axis=3)
     else:
-        scores = jnp.einsum("bkqd,bktd->bkqt", q, cache_k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bkqd,bkdt->bkqt", q, cache_k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if s * g <= 8:
@@ -132,11 +134,18 @@ def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
     return x + (h @ m["down"].astype(dt)).reshape(b, s, e), cache_k, cache_v
 
 
+def empty_caches(cfg: ModelConfig, b: int, total: int):
+    """Per layer, (keys (b, kv, head_dim, total), values (b, kv, total, head_dim)), zeros."""
+    kv, d, dt = cfg.num_key_value_heads, cfg.dim_per_head, jnp.dtype(cfg.dtype)
+    return [(jnp.zeros((b, kv, d, total), dt), jnp.zeros((b, kv, total, d), dt))
+            for _ in range(cfg.num_hidden_layers)]
+
+
 def _step(cfg, params, layers, tokens, positions, caches, slot, key_start):
     """Run tokens (b, s) at slots [slot, slot + s): logits of the last position, caches."""
     dt = jnp.dtype(cfg.dtype)
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    s, total = tokens.shape[1], caches[0][0].shape[2]
+    s, total = tokens.shape[1], caches[0][1].shape[2]
     x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
     rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
     query_slot = slot + jnp.arange(s)
@@ -195,9 +204,11 @@ def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
 
 
 def _generate(cfg, max_new: int, filtering: bool, vocab_limit: int, params, layers, prompts, pad,
-              source, row_keys, temperature, top_k, top_p, row_max_new, stop_ids):
-    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`; only ids below
-    `vocab_limit` (the tokenizer's pieces, where the model's vocabulary is larger) are drawn."""
+              source, seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids):
+    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`, as sample
+    `draws` of their request's `seeds`; only ids below `vocab_limit` (the tokenizer's pieces,
+    where the model's vocabulary is larger) are drawn."""
+    row_keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(seeds, draws)
     _step_ = _step
     if vocab_limit < cfg.vocab_size:
         def _step_(*args):
@@ -208,8 +219,7 @@ def _generate(cfg, max_new: int, filtering: bool, vocab_limit: int, params, laye
     total = p + max_new
     kv, d = cfg.num_key_value_heads, cfg.dim_per_head
     dt = jnp.dtype(cfg.dtype)
-    caches = [(jnp.zeros((b, kv, total, d), dt), jnp.zeros((b, kv, total, d), dt))
-              for _ in layers]
+    caches = empty_caches(cfg, b, total)
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
     logits, caches = _step_(cfg, params, layers, prompts, positions, caches, 0, pad)
     # Fan-out: every sample row takes its prompt's cache and last logits.
@@ -289,12 +299,12 @@ class Sampler:
         stop_ids = np.full((n_rows, n_stops), -1, np.int32)
         for k, (i, _) in enumerate(rows_padded):
             stop_ids[k, :len(requests[i].stop_ids)] = requests[i].stop_ids
-        row_keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
-            jax.random.key(requests[i].seed % 2**32), j))) for i, j in rows_padded])
+        seeds = np.array([requests[i].seed % 2**32 for i, _ in rows_padded], np.uint32)
+        draws = np.array([j for _, j in rows_padded], np.uint32)
         row_max_new = per_row(lambda r: r.max_new_tokens, np.int32)
         row_max_new[len(rows):] = 1  # padding rows stop at once
         filtering = any(r.top_k > 0 or r.top_p < 1 for r in requests if r.temperature > 0)
-        args = (prompts, pad, source, jax.random.wrap_key_data(row_keys),
+        args = (prompts, pad, source, seeds, draws,
                 per_row(lambda r: r.temperature, np.float32), per_row(lambda r: r.top_k, np.int32),
                 per_row(lambda r: r.top_p, np.float32), row_max_new, stop_ids)
         if self.mesh is not None:

@@ -184,11 +184,10 @@ def _logprob(sampler, prompt, completion) -> float:
 
 
 def _next_logits(sampler, ids):
-    from phijax.sampling import _step
+    from phijax.sampling import _step, empty_caches
     cfg = sampler.cfg
     tokens = jnp.asarray([ids], jnp.int32)
-    caches = [(jnp.zeros((1, cfg.num_key_value_heads, len(ids), cfg.dim_per_head)),) * 2
-              for _ in sampler.layers]
+    caches = empty_caches(cfg, 1, len(ids))
     logits, _ = _step(cfg, sampler.params, sampler.layers, tokens,
                       jnp.arange(len(ids))[None], caches, 0, jnp.zeros(1, jnp.int32))
     return logits[0]
