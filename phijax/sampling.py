@@ -2,13 +2,17 @@
 
 `Sampler.generate` takes requests (token-id prompts, so a prefix is continued exactly as given),
 and returns, per request, its `n` samples with per-token log-probabilities and finish reasons.
-One compiled program does everything on the device:
+Three compiled programs run it on the device:
 
-  prefill   the prompts, left-padded to a common length P, fill cache slots [0, P);
-  fan-out   each of the R sample rows takes its prompt's cache rows (`take`), so `n` samples of
-            one prompt share one prefill;
-  decode    a `while_loop` feeds each row's last token at slot P + t - 1 until every row has hit
-            a stop token or its max_new_tokens (static shapes: the cache has P + M slots).
+  prefill   the prompts, left-padded to a common length P, fill cache slots [0, P); each of
+            the R sample rows takes its prompt's cache rows (`take`: fan-out), so `n` samples
+            of one prompt share one prefill;
+  decode    a segment of up to 32 steps (a `while_loop`) feeds each row's last token at slot
+            P + t - 1, until the segment ends or every row has hit a stop token or its
+            max_new_tokens;
+  regroup   between segments, the rows still going are gathered into the smallest bucket that
+            holds them and the cache grows by 32 slots: attention reads only the slots written
+            so far, and rows that stopped early (most PTS rollouts) cost nothing afterwards.
 
 Row r's randomness is `fold_in(fold_in(key(seed), sample index), step)`: a sample does not
 depend on what else is in the batch, so fan-out and independent prefills give the same tokens,
@@ -17,8 +21,8 @@ greedy; top-k (0 = off) and top-p filter after temperature. Log-probabilities ar
 (temperature 1, unfiltered), which is what PTS and evaluation need. Where the model's vocabulary
 is larger than its tokenizer's (`vocab_limit`), the ids past the tokenizer are never drawn.
 
-Shapes are bucketed (prompts to multiples of 32, new tokens to multiples of 32, rows to
-multiples of 8, prompts to powers of two) so a server compiles a handful of programs. On a mesh,
+Shapes are bucketed (prompt length and cache slots to multiples of 32, prompts and rows to
+powers of two, rows from 8) so a server compiles a handful of programs. On a mesh,
 rows are split over the data axes and heads over `tensor` by the parameters' shardings.
 """
 from __future__ import annotations
@@ -59,6 +63,11 @@ class Sample:
 
 def _bucket(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def _rows_bucket(n: int) -> int:
+    """Sample rows are padded to a power of two from 8 on: a few compiled shapes."""
+    return max(8, _pow2(n))
 
 
 def _pow2(n: int) -> int:
@@ -203,54 +212,77 @@ def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _generate(cfg, max_new: int, filtering: bool, vocab_limit: int, params, layers, prompts, pad,
-              source, seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids):
-    """prompts (B, P) left-padded by pad (B,); rows (R,) sample prompt `source`, as sample
-    `draws` of their request's `seeds`; only ids below `vocab_limit` (the tokenizer's pieces,
-    where the model's vocabulary is larger) are drawn."""
-    row_keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(seeds, draws)
-    _step_ = _step
-    if vocab_limit < cfg.vocab_size:
-        def _step_(*args):
-            logits, caches = _step(*args)
-            return jnp.where(jnp.arange(cfg.vocab_size) < vocab_limit, logits, -jnp.inf), caches
+SEGMENT = 32  # decode steps per compiled segment
+
+
+def _prefill(cfg, filtering: bool, vocab_limit: int, params, layers, prompts, pad, source, seeds,
+             draws, temperature, top_k, top_p, row_max_new, stop_ids):
+    """prompts (B, P) left-padded by pad (B,) -> per sample row (R,): the caches of its prompt
+    (`source`: fan-out, one prefill per prompt), its first token, that token's log-prob, done."""
     b, p = prompts.shape
-    rows = source.shape[0]
-    total = p + max_new
-    kv, d = cfg.num_key_value_heads, cfg.dim_per_head
-    dt = jnp.dtype(cfg.dtype)
-    caches = empty_caches(cfg, b, total)
+    caches = empty_caches(cfg, b, p)
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
-    logits, caches = _step_(cfg, params, layers, prompts, positions, caches, 0, pad)
-    # Fan-out: every sample row takes its prompt's cache and last logits.
+    logits, caches = _step(cfg, params, layers, prompts, positions, caches, 0, pad)
     caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
-    logits, pad, length = logits[source], pad[source], (p - pad)[source]
-    keys = lambda t: jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
-    stops = lambda tok: (tok[:, None] == stop_ids).any(axis=-1)
-    token, logprob = _choose(logits, keys(0), temperature, top_k, top_p, filtering)
-    out = jnp.zeros((rows, max_new), jnp.int32).at[:, 0].set(token)
-    out_lp = jnp.zeros((rows, max_new), jnp.float32).at[:, 0].set(logprob)
-    done = stops(token) | (row_max_new <= 1)
-    count = jnp.ones(rows, jnp.int32)
+    logits = _limit(logits[source], vocab_limit)
+    keys = _step_keys(_row_keys(seeds, draws), 0)
+    token, logprob = _choose(logits, keys, temperature, top_k, top_p, filtering)
+    done = (token[:, None] == stop_ids).any(axis=-1) | (row_max_new <= 1)
+    return caches, token, logprob, done
+
+
+def _regroup(slots: int, caches, index, token):
+    """The rows `index` picks (finished rows dropped), their caches grown to `slots`."""
+    grow = lambda a, axis: jnp.pad(jnp.take(a, index, axis=0),
+                                   [(0, slots - a.shape[axis]) if i == axis else (0, 0)
+                                    for i in range(a.ndim)])
+    return [(grow(ck, 3), grow(cv, 2)) for ck, cv in caches], jnp.take(token, index)
+
+
+def _decode(cfg, filtering: bool, vocab_limit: int, params, layers, caches, token, done, t0, p,
+            seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids, length, pad):
+    """Up to SEGMENT decode steps t0, t0 + 1, ... (prompts of P = p slots, left-padded by pad):
+    the caches, each row's new tokens and log-probs (SEGMENT,) and their count, done."""
+    rows = token.shape[0]
+    row_keys = _row_keys(seeds, draws)
 
     def cond(state):
-        t, _, _, _, _, done, _ = state
-        return (t < max_new) & ~done.all()
+        i, _, _, _, _, done, _ = state
+        return (i < SEGMENT) & ~done.all()
 
     def body(state):
-        t, caches, token, out, out_lp, done, count = state
-        logits, caches = _step_(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
+        i, caches, token, out, out_lp, done, count = state
+        t = t0 + i
+        logits, caches = _step(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
                                caches, p + t - 1, pad)
-        new, lp = _choose(logits, keys(t), temperature, top_k, top_p, filtering)
-        out = out.at[:, t].set(jnp.where(done, 0, new))
-        out_lp = out_lp.at[:, t].set(jnp.where(done, 0.0, lp))
+        new, lp = _choose(_limit(logits, vocab_limit), _step_keys(row_keys, t), temperature,
+                          top_k, top_p, filtering)
+        out = out.at[:, i].set(jnp.where(done, 0, new))
+        out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         count = count + (~done).astype(jnp.int32)
-        done = done | stops(new) | (t + 1 >= row_max_new)
-        return t + 1, caches, new, out, out_lp, done, count
+        done = done | (new[:, None] == stop_ids).any(axis=-1) | (t + 1 >= row_max_new)
+        return i + 1, caches, new, out, out_lp, done, count
 
-    state = (jnp.int32(1), caches, token, out, out_lp, done, count)
-    _, _, _, out, out_lp, _, count = jax.lax.while_loop(cond, body, state)
-    return out, out_lp, count
+    state = (jnp.int32(0), caches, token, jnp.zeros((rows, SEGMENT), jnp.int32),
+             jnp.zeros((rows, SEGMENT), jnp.float32), done, jnp.zeros(rows, jnp.int32))
+    _, caches, token, out, out_lp, done, count = jax.lax.while_loop(cond, body, state)
+    return caches, token, out, out_lp, count, done
+
+
+def _row_keys(seeds, draws):
+    """Row r's key; its key at step t is fold_in(row key, t)."""
+    return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(seeds, draws)
+
+
+def _step_keys(row_keys, t):
+    return jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
+
+
+def _limit(logits, vocab_limit: int):
+    """Logits with ids from `vocab_limit` on never drawn."""
+    if vocab_limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
 
 
 class Sampler:
@@ -267,20 +299,40 @@ class Sampler:
                        for i in range(cfg.num_hidden_layers)]
         self.calls = 0
 
-    @functools.lru_cache(maxsize=32)
-    def _compiled(self, max_new: int, filtering: bool):
-        return jax.jit(functools.partial(_generate, self.cfg, max_new, filtering, self.vocab_limit))
+    @functools.cached_property
+    def _programs(self):
+        """The compiled programs: prefill, regroup (drop finished rows, grow the cache) and
+        a decode segment; jax.jit keys them by shape and filtering."""
+        prefill = jax.jit(functools.partial(_prefill, self.cfg), static_argnums=(0, 1))
+        regroup = jax.jit(_regroup, static_argnums=0)
+        decode = jax.jit(functools.partial(_decode, self.cfg), static_argnums=(0, 1),
+                         donate_argnums=(4,))
+        return prefill, regroup, decode
+
+    def _put(self, *arrays):
+        """Row arrays split over the mesh's data axes (where the rows divide evenly)."""
+        if self.mesh is None:
+            return arrays
+        rows_sh = NamedSharding(self.mesh, P(RULES["batch"]))
+        dp = math.prod(self.mesh.shape[a] for a in RULES["batch"])
+        return tuple(jax.device_put(a, rows_sh) if a.shape[0] % dp == 0 else a for a in arrays)
 
     def generate(self, requests: list[Request], share_prefix: bool = True) -> list[list[Sample]]:
         """Each request's `n` samples. `share_prefix=False` prefills every sample row on its
-        own (the same tokens, for comparison and benchmarks)."""
+        own (the same tokens, for comparison and benchmarks).
+
+        Decoding runs in segments of SEGMENT steps; between segments the finished rows are
+        dropped (the live ones gathered into the smallest bucket that holds them) and the cache
+        grows by SEGMENT slots, so attention reads only the slots written so far and a row that
+        stopped early costs nothing after its segment.
+        """
         for i, r in enumerate(requests):
             error = check_request(r, self.max_len, self.cfg.vocab_size)
             if error:
                 raise ValueError(f"request {i}: {error}")
         self.calls += 1
         rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
-        n_rows = _bucket(len(rows), 8)
+        n_rows = _rows_bucket(len(rows))
         rows_padded = rows + [(0, 0)] * (n_rows - len(rows))
         # The prompts to prefill, and which of them each sample row continues.
         owners = list(range(len(requests))) if share_prefix else [i for i, _ in rows]
@@ -293,26 +345,58 @@ class Sampler:
             pad[k] = p - len(requests[i].prompt)
         source = np.array([i for i, _ in rows_padded] if share_prefix else
                           list(range(len(rows))) + [0] * (n_rows - len(rows)), np.int32)
-        max_new = _bucket(max(r.max_new_tokens for r in requests), 32)
         per_row = lambda f, dtype: np.array([f(requests[i]) for i, _ in rows_padded], dtype)
         n_stops = max(1, max(len(r.stop_ids) for r in requests))
         stop_ids = np.full((n_rows, n_stops), -1, np.int32)
         for k, (i, _) in enumerate(rows_padded):
             stop_ids[k, :len(requests[i].stop_ids)] = requests[i].stop_ids
-        seeds = np.array([requests[i].seed % 2**32 for i, _ in rows_padded], np.uint32)
-        draws = np.array([j for _, j in rows_padded], np.uint32)
         row_max_new = per_row(lambda r: r.max_new_tokens, np.int32)
         row_max_new[len(rows):] = 1  # padding rows stop at once
+        row = {  # per sample row, gathered with the rows between segments
+            "seeds": np.array([requests[i].seed % 2**32 for i, _ in rows_padded], np.uint32),
+            "draws": np.array([j for _, j in rows_padded], np.uint32),
+            "temperature": per_row(lambda r: r.temperature, np.float32),
+            "top_k": per_row(lambda r: r.top_k, np.int32),
+            "top_p": per_row(lambda r: r.top_p, np.float32),
+            "row_max_new": row_max_new, "stop_ids": stop_ids,
+            "length": (p - pad)[source], "pad": pad[source]}
         filtering = any(r.top_k > 0 or r.top_p < 1 for r in requests if r.temperature > 0)
-        args = (prompts, pad, source, seeds, draws,
-                per_row(lambda r: r.temperature, np.float32), per_row(lambda r: r.top_k, np.int32),
-                per_row(lambda r: r.top_p, np.float32), row_max_new, stop_ids)
-        if self.mesh is not None:
-            rows_sh = NamedSharding(self.mesh, P(RULES["batch"]))
-            dp = math.prod(self.mesh.shape[a] for a in RULES["batch"])
-            args = tuple(jax.device_put(a, rows_sh) if a.shape[0] % dp == 0 else a for a in args)
-        out, out_lp, count = jax.device_get(
-            self._compiled(max_new, filtering)(self.params, self.layers, *args))
+        prefill, regroup, decode = self._programs
+        names = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
+        caches, token, logprob, done = prefill(
+            filtering, self.vocab_limit, self.params, self.layers,
+            *self._put(prompts, pad, source, *(row[k] for k in names)))
+        max_new = max(r.max_new_tokens for r in requests)
+        out = np.zeros((n_rows, max_new), np.int32)
+        out_lp = np.zeros((n_rows, max_new), np.float32)
+        out[:, 0], out_lp[:, 0] = jax.device_get((token, logprob))
+        count = np.ones(n_rows, np.int32)
+        done = np.asarray(done)
+        alive = np.arange(n_rows)  # the original row of each current row
+        t0 = 1
+        while t0 < max_new and not done.all():
+            live = np.flatnonzero(~done)
+            keep = _rows_bucket(len(live))
+            if keep < len(alive):  # the live rows, padded with a finished one (dropped)
+                index = np.concatenate([live, np.full(keep - len(live), np.flatnonzero(done)[0])])
+                done = np.arange(keep) >= len(live)
+            else:
+                index = np.arange(len(alive))
+            alive = alive[index]
+            args = self._put(index.astype(np.int32), done, *(row[k][alive] for k in names),
+                             row["length"][alive], row["pad"][alive])
+            caches, token = regroup(p + t0 + SEGMENT - 1, caches, args[0], token)
+            caches, token, seg, seg_lp, seg_n, done = decode(
+                filtering, self.vocab_limit, self.params, self.layers, caches, token, args[1],
+                np.int32(t0), np.int32(p), *args[2:])
+            seg, seg_lp, seg_n, done = jax.device_get((seg, seg_lp, seg_n, done))
+            for k, o in enumerate(alive):
+                n = int(seg_n[k])
+                if n and o < len(rows):
+                    out[o, count[o]:count[o] + n] = seg[k, :n]
+                    out_lp[o, count[o]:count[o] + n] = seg_lp[k, :n]
+                    count[o] += n
+            t0 += SEGMENT
         results: list[list[Sample]] = [[] for _ in requests]
         for k, (i, _) in enumerate(rows):
             n = int(count[k])

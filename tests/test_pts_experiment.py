@@ -70,3 +70,12 @@ def test_bad_experiment_keys_are_named(tmp_path, capsys):
     assert "--recheck 4: must be at least --rollouts" in capsys.readouterr().err
     assert main([cfg, f"dpo_config={tmp_path / 'none.yaml'}"]) == 2
     assert "dpo_config:" in capsys.readouterr().err
+
+
+def test_lift_and_its_paired_standard_error():
+    from tools.pts_experiment import lift
+    before = {"accuracy": 0.5, "rates": [0, 1, 0, 1]}
+    after = {"accuracy": 0.5, "rates": [1, 1, 0, 0]}
+    diff, err = lift(after, before)  # differences 100, 0, 0, -100 points
+    assert diff == 0 and err == pytest.approx((20000 / 4 / 4) ** 0.5)
+    assert lift({"accuracy": 0.6}, before) == (pytest.approx(10.0), None)  # no per-question rates

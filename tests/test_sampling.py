@@ -33,12 +33,13 @@ def _prompts():
 
 def test_greedy_with_cache_equals_argmax_of_full_forward_passes(model, sampler):
     prompts = _prompts()
-    out = sampler.generate([Request(p, max_new_tokens=12, temperature=0.0) for p in prompts])
+    # 40 new tokens: past the first decode segment (the cache grows, finished rows are dropped)
+    out = sampler.generate([Request(p, max_new_tokens=40, temperature=0.0) for p in prompts])
     forward = jax.jit(lambda ids: jax.nn.log_softmax(model(ids)[0]))  # one compile: fixed length
     for prompt, (sample,) in zip(prompts, out):
         ids, logprobs = list(prompt), []
-        for _ in range(12):  # causal: the padding after the last real token changes nothing
-            logp = forward(jnp.array([ids + [0] * (64 - len(ids))]))[len(ids) - 1]
+        for _ in range(40):  # causal: the padding after the last real token changes nothing
+            logp = forward(jnp.array([ids + [0] * (96 - len(ids))]))[len(ids) - 1]
             ids.append(int(jnp.argmax(logp)))
             logprobs.append(float(logp[ids[-1]]))
         assert sample.tokens == ids[len(prompt):]  # token for token
@@ -65,6 +66,18 @@ def test_seeds_fix_samples_whatever_else_is_in_the_batch(sampler):
     assert [s.tokens for s in alone] == [s.tokens for s in crowded]
     other = sampler.generate([Request(p[1], n=3, max_new_tokens=8, seed=12)])[0]
     assert [s.tokens for s in other] != [s.tokens for s in alone]
+
+
+def test_a_long_sample_is_the_same_after_the_short_ones_are_dropped(sampler):
+    """15 rows stop after 3 tokens, one goes on to 70: after the first decode segment it is
+    decoded alone in a smaller batch, and its tokens are those of sampling it by itself."""
+    p = _prompts()
+    long = Request(p[2], n=1, max_new_tokens=70, seed=2)
+    crowded = sampler.generate([Request(p[0], n=15, max_new_tokens=3, seed=1), long])
+    alone = sampler.generate([long])[0][0]
+    assert [len(s.tokens) for s in crowded[0]] == [3] * 15
+    assert crowded[1][0].tokens == alone.tokens and len(alone.tokens) == 70
+    np.testing.assert_allclose(crowded[1][0].logprobs, alone.logprobs, atol=1e-5)
 
 
 def test_stop_tokens_and_max_new_tokens_per_request(sampler):

@@ -298,7 +298,7 @@ class _Driver:
         # Calls of similar prefix lengths: a call decodes until its longest row's budget
         # (max_new_tokens - prefix length), so mixing short and long prefixes wastes steps.
         order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prefix))
-        done = 0
+        done, last = 0, t0
         for chunk in self._chunks([jobs[i] for i in order]):
             got = self.estimate(chunk)
             if len(got) != len(chunk):
@@ -307,6 +307,12 @@ class _Driver:
                 out[order[done]] = r
                 done += 1
             self.stats.calls += 1
+            now = time.perf_counter()
+            if now - last > 30 and done < len(jobs):  # a long round: progress and ETA
+                last = now
+                self.log(f"pts {stage} round {self.stats.rounds + 1}: {done}/{len(jobs)} "
+                         f"prefixes in {now - t0:.0f}s, ETA "
+                         f"{(now - t0) * (len(jobs) - done) / done:.0f}s")
         sampled = 0
         for job, got in zip(jobs, out):
             if len(got.success) != job.n:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -161,10 +162,25 @@ def _evaluate(run_dir: Path, questions: list[dict], cfg: ExperimentConfig) -> di
     from tools.evaluate import evaluate
     sampler, tokenizer = load_sampler(run_dir)
     e = cfg.eval
-    score = lambda temperature, samples: evaluate(
-        sampler, tokenizer, questions, temperature=temperature, samples=samples,
-        max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=512)
+
+    def score(temperature, samples):
+        out = evaluate(sampler, tokenizer, questions, temperature=temperature, samples=samples,
+                       max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=512, details=True)
+        out["rates"] = [r["correct"] / r["samples"] for r in out.pop("results")]
+        return out
     return {"greedy": score(0.0, 1), "sampled": score(e.temperature, e.samples)}
+
+
+def lift(after: dict, before: dict) -> tuple[float, float | None]:
+    """(accuracy after - before, its standard error paired over the same questions), in points;
+    the error is None where per-question rates are missing (results of older runs)."""
+    diff = 100 * (after["accuracy"] - before["accuracy"])
+    a, b = after.get("rates"), before.get("rates")
+    if not a or not b or len(a) != len(b):
+        return diff, None
+    d = [100 * (x - y) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return diff, math.sqrt(sum((x - mean) ** 2 for x in d) / len(d) / len(d))
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -219,16 +235,18 @@ def run(cfg: ExperimentConfig) -> dict:
 
 def format_table(results: dict, cfg: ExperimentConfig) -> str:
     e = cfg.eval
-    rows = [f"| model | DPO pairs | greedy accuracy ± stderr | lift (points) | T={e.temperature:g}, "
-            f"{e.samples}/question accuracy ± stderr | lift (points) |", "|---|---|---|---|---|---|"]
+    rows = [f"| model | DPO pairs | greedy accuracy ± stderr | lift (points ± paired stderr) | "
+            f"T={e.temperature:g}, {e.samples}/question accuracy ± stderr | lift |",
+            "|---|---|---|---|---|---|"]
     for name, label, pairs in (("base", "base (before DPO)", "–"),
                                ("sequence_dpo", "sequence DPO", results["pairs"]["sequence"]),
                                ("pts_dpo", "PTS DPO", results["pairs"]["pts"])):
         cells = []
         for mode in MODES:
-            r, base = results[name][mode], results["base"][mode]["accuracy"]
-            lift = "–" if name == "base" else f"{100 * (r['accuracy'] - base):+.1f}"
-            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}", lift]
+            r = results[name][mode]
+            diff, err = lift(r, results["base"][mode])
+            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}",
+                      "–" if name == "base" else f"{diff:+.1f}" + (f" ± {err:.1f}" if err else "")]
         rows.append(f"| {label} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -253,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"heldout_questions": results["base"]["greedy"]["n"],
                       "sampled": {"temperature": cfg.eval.temperature, "samples": cfg.eval.samples},
                       **{k: {mode: {"accuracy": results[k][mode]["accuracy"],
-                                    "stderr": results[k][mode]["stderr"]} for mode in MODES}
+                                    "stderr": results[k][mode]["stderr"],
+                                    **({} if k == "base" else dict(zip(
+                                        ("lift_points", "lift_stderr"),
+                                        lift(results[k][mode], results["base"][mode]))))}
+                             for mode in MODES}
                          for k in ("base", "sequence_dpo", "pts_dpo")},
                       "pairs": results["pairs"], "seconds": results["seconds"]}))
     return 0
