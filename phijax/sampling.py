@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import jax
@@ -193,29 +194,43 @@ def _draw(keys, logits, block: int = 128):
     return jnp.minimum(b * block + j, vocab - 1)
 
 
-def _choose(logits, keys, temperature, top_k, top_p, filtering: bool):
+class Choice(NamedTuple):
+    """What a batch's rows need (static: a program leaves out what no row uses; an argmax
+    over the vocabulary alone costs about 5% of a decode step on CPU)."""
+    greedy: bool  # some row has temperature 0
+    sample: bool  # some row samples
+    filtering: bool  # some sampling row has top-k or top-p
+
+
+def _choose(logits, keys, temperature, top_k, top_p, how: Choice):
     """Next token per row and its model log-probability."""
     logp = jax.nn.log_softmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    if filtering:
-        order = jnp.argsort(-scaled, axis=-1)
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        rank = jnp.arange(logits.shape[-1])[None]
-        keep = ((top_k[:, None] == 0) | (rank < top_k[:, None])) & \
-            (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
-        pick = _draw(keys, jnp.where(keep, ranked, -jnp.inf))
-        sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    if how.sample:
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        if how.filtering:
+            order = jnp.argsort(-scaled, axis=-1)
+            ranked = jnp.take_along_axis(scaled, order, axis=-1)
+            probs = jax.nn.softmax(ranked, axis=-1)
+            rank = jnp.arange(logits.shape[-1])[None]
+            keep = ((top_k[:, None] == 0) | (rank < top_k[:, None])) & \
+                (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
+            pick = _draw(keys, jnp.where(keep, ranked, -jnp.inf))
+            sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+        else:
+            sampled = _draw(keys, scaled)
+    if how.greedy:
+        best = jnp.argmax(logits, axis=-1)
+        token = jnp.where(temperature == 0, best, sampled) if how.sample else best
     else:
-        sampled = _draw(keys, scaled)
-    token = jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+        token = sampled
+    token = token.astype(jnp.int32)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
 SEGMENT = 32  # decode steps per compiled segment
 
 
-def _prefill(cfg, filtering: bool, vocab_limit: int, params, layers, prompts, pad, source, seeds,
+def _prefill(cfg, how: Choice, vocab_limit: int, params, layers, prompts, pad, source, seeds,
              draws, temperature, top_k, top_p, row_max_new, stop_ids):
     """prompts (B, P) left-padded by pad (B,) -> per sample row (R,): the caches of its prompt
     (`source`: fan-out, one prefill per prompt), its first token, that token's log-prob, done."""
@@ -226,7 +241,7 @@ def _prefill(cfg, filtering: bool, vocab_limit: int, params, layers, prompts, pa
     caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
     logits = _limit(logits[source], vocab_limit)
     keys = _step_keys(_row_keys(seeds, draws), 0)
-    token, logprob = _choose(logits, keys, temperature, top_k, top_p, filtering)
+    token, logprob = _choose(logits, keys, temperature, top_k, top_p, how)
     done = (token[:, None] == stop_ids).any(axis=-1) | (row_max_new <= 1)
     return caches, token, logprob, done
 
@@ -239,7 +254,7 @@ def _regroup(slots: int, caches, index, token):
     return [(grow(ck, 3), grow(cv, 2)) for ck, cv in caches], jnp.take(token, index)
 
 
-def _decode(cfg, filtering: bool, vocab_limit: int, params, layers, caches, token, done, t0, p,
+def _decode(cfg, how: Choice, vocab_limit: int, params, layers, caches, token, done, t0, p,
             seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids, length, pad):
     """Up to SEGMENT decode steps t0, t0 + 1, ... (prompts of P = p slots, left-padded by pad):
     the caches, each row's new tokens and log-probs (SEGMENT,) and their count, done."""
@@ -256,7 +271,7 @@ def _decode(cfg, filtering: bool, vocab_limit: int, params, layers, caches, toke
         logits, caches = _step(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
                                caches, p + t - 1, pad)
         new, lp = _choose(_limit(logits, vocab_limit), _step_keys(row_keys, t), temperature,
-                          top_k, top_p, filtering)
+                          top_k, top_p, how)
         out = out.at[:, i].set(jnp.where(done, 0, new))
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         count = count + (~done).astype(jnp.int32)
@@ -302,7 +317,7 @@ class Sampler:
     @functools.cached_property
     def _programs(self):
         """The compiled programs: prefill, regroup (drop finished rows, grow the cache) and
-        a decode segment; jax.jit keys them by shape and filtering."""
+        a decode segment; jax.jit keys them by shape and Choice."""
         prefill = jax.jit(functools.partial(_prefill, self.cfg), static_argnums=(0, 1))
         regroup = jax.jit(_regroup, static_argnums=0)
         decode = jax.jit(functools.partial(_decode, self.cfg), static_argnums=(0, 1),
@@ -360,11 +375,14 @@ class Sampler:
             "top_p": per_row(lambda r: r.top_p, np.float32),
             "row_max_new": row_max_new, "stop_ids": stop_ids,
             "length": (p - pad)[source], "pad": pad[source]}
-        filtering = any(r.top_k > 0 or r.top_p < 1 for r in requests if r.temperature > 0)
+        how = Choice(greedy=any(r.temperature == 0 for r in requests),
+                     sample=any(r.temperature > 0 for r in requests),
+                     filtering=any(r.top_k > 0 or r.top_p < 1
+                                   for r in requests if r.temperature > 0))
         prefill, regroup, decode = self._programs
         names = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
         caches, token, logprob, done = prefill(
-            filtering, self.vocab_limit, self.params, self.layers,
+            how, self.vocab_limit, self.params, self.layers,
             *self._put(prompts, pad, source, *(row[k] for k in names)))
         max_new = max(r.max_new_tokens for r in requests)
         out = np.zeros((n_rows, max_new), np.int32)
@@ -387,7 +405,7 @@ class Sampler:
                              row["length"][alive], row["pad"][alive])
             caches, token = regroup(p + t0 + SEGMENT - 1, caches, args[0], token)
             caches, token, seg, seg_lp, seg_n, done = decode(
-                filtering, self.vocab_limit, self.params, self.layers, caches, token, args[1],
+                how, self.vocab_limit, self.params, self.layers, caches, token, args[1],
                 np.int32(t0), np.int32(p), *args[2:])
             seg, seg_lp, seg_n, done = jax.device_get((seg, seg_lp, seg_n, done))
             for k, o in enumerate(alive):
