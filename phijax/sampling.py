@@ -27,6 +27,7 @@ rows are split over the data axes and heads over `tensor` by the parameters' sha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -300,6 +301,18 @@ def _limit(logits, vocab_limit: int):
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
 
 
+@functools.lru_cache(maxsize=16)
+def _programs(cfg_fields: tuple):
+    """The compiled programs for a model shape: prefill, regroup (drop finished rows, grow the
+    cache) and a decode segment; jax.jit keys them further by shape and Choice. Shared by every
+    Sampler of that shape (evaluating several checkpoints compiles once)."""
+    cfg = ModelConfig(*cfg_fields)
+    prefill = jax.jit(functools.partial(_prefill, cfg), static_argnums=(0, 1))
+    regroup = jax.jit(_regroup, static_argnums=0)
+    decode = jax.jit(functools.partial(_decode, cfg), static_argnums=(0, 1), donate_argnums=(4,))
+    return prefill, regroup, decode
+
+
 class Sampler:
     """Batched sampling from `params` (a pure dict, as training and `weights.load_params` give)."""
 
@@ -313,16 +326,6 @@ class Sampler:
         self.layers = [jax.tree.map(lambda a: a[i], params["layers"])
                        for i in range(cfg.num_hidden_layers)]
         self.calls = 0
-
-    @functools.cached_property
-    def _programs(self):
-        """The compiled programs: prefill, regroup (drop finished rows, grow the cache) and
-        a decode segment; jax.jit keys them by shape and Choice."""
-        prefill = jax.jit(functools.partial(_prefill, self.cfg), static_argnums=(0, 1))
-        regroup = jax.jit(_regroup, static_argnums=0)
-        decode = jax.jit(functools.partial(_decode, self.cfg), static_argnums=(0, 1),
-                         donate_argnums=(4,))
-        return prefill, regroup, decode
 
     def _put(self, *arrays):
         """Row arrays split over the mesh's data axes (where the rows divide evenly)."""
@@ -379,7 +382,7 @@ class Sampler:
                      sample=any(r.temperature > 0 for r in requests),
                      filtering=any(r.top_k > 0 or r.top_p < 1
                                    for r in requests if r.temperature > 0))
-        prefill, regroup, decode = self._programs
+        prefill, regroup, decode = _programs(dataclasses.astuple(self.cfg))
         names = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
         caches, token, logprob, done = prefill(
             how, self.vocab_limit, self.params, self.layers,
