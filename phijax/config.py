@@ -115,6 +115,7 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: the chance a label is flipped
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    rpo_alpha: float = 0.0  # + alpha * NLL of chosen per token (RPO: holds chosen log-probs up)
 
 
 @dataclass
@@ -295,6 +296,8 @@ def validate(cfg: Config, device_count: Optional[int] = None) -> None:
         raise ConfigError(f"optimizer.end_learning_rate_ratio must be in [0, 1], got {o.end_learning_rate_ratio}")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    if cfg.dpo.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

@@ -59,6 +59,11 @@ def test_heads_divisible():
     assert error("mesh.tensor=8") == "model.num_attention_heads 4 is not divisible by mesh.tensor 8"
 
 
+def test_dpo_values():
+    assert error("dpo.rpo_alpha=-1") == "dpo.rpo_alpha must be >= 0, got -1.0"
+    assert error("dpo.beta=0") == "dpo.beta must be positive, got 0.0"
+
+
 def test_bad_choice():
     assert error("model.remat=sometimes").startswith("model.remat: 'sometimes' is not one of")
 

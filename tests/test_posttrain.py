@@ -29,6 +29,11 @@ def test_dpo_loss_equals_hand_computed_values():
     np.testing.assert_allclose(ipo, [(2.0 - 1.0) ** 2, (-2.0 - 1.0) ** 2], rtol=1e-6)
     beta2, _ = dpo_losses(policy, reference, DPOConfig(beta=2.0))
     np.testing.assert_allclose(beta2[0], math.log1p(math.exp(-4.0)), rtol=1e-6)
+    # RPO: + alpha * (-log pi(chosen)) / chosen tokens; chosen of 2 and 1 tokens.
+    rpo, _ = dpo_losses(policy, reference, DPOConfig(beta=0.5, rpo_alpha=0.5),
+                        jnp.array([2.0, 1.0]))
+    np.testing.assert_allclose(rpo, [math.log1p(math.exp(-1.0)) + 0.5 * 1.0 / 2,
+                                     math.log1p(math.exp(1.0)) + 0.5 * 4.0 / 1], rtol=1e-6)
 
 
 def _write_pairs(path, records):

@@ -18,6 +18,9 @@ With m = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), the loss per pair 
     sigmoid (DPO):  -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (eps: label_smoothing)
     ipo:            (m - 1 / (2 beta))^2
 
+plus, with `dpo.rpo_alpha` > 0, alpha * (-log pi(c)) / |c| (RPO: the negative log-likelihood of
+the chosen completion per token, which keeps DPO from lowering chosen and rejected together).
+
 Logged per step (and as eval_* on held-out pairs): loss, reward_margin (beta m), accuracy
 (m > 0), chosen_logp and rejected_logp (the policy's).
 """
@@ -50,13 +53,18 @@ FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 # ---------------------------------------------------------------- the loss
 
-def dpo_losses(policy, reference, cfg: DPOConfig):
-    """Per pair: (loss, m). `policy` and `reference` are (pairs, 2) log-probs: chosen, rejected."""
+def dpo_losses(policy, reference, cfg: DPOConfig, chosen_tokens=None):
+    """Per pair: (loss, m). `policy` and `reference` are (pairs, 2) log-probs: chosen, rejected;
+    `chosen_tokens` (pairs,) the chosen completions' lengths (needed when rpo_alpha > 0)."""
     m = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
     if cfg.loss == "ipo":
-        return jnp.square(m - 1.0 / (2.0 * cfg.beta)), m
-    eps = cfg.label_smoothing
-    loss = -(1.0 - eps) * jax.nn.log_sigmoid(cfg.beta * m) - eps * jax.nn.log_sigmoid(-cfg.beta * m)
+        loss = jnp.square(m - 1.0 / (2.0 * cfg.beta))
+    else:
+        eps = cfg.label_smoothing
+        loss = -(1.0 - eps) * jax.nn.log_sigmoid(cfg.beta * m) \
+            - eps * jax.nn.log_sigmoid(-cfg.beta * m)
+    if cfg.rpo_alpha:
+        loss = loss - cfg.rpo_alpha * policy[:, 0] / jnp.maximum(chosen_tokens, 1)
     return loss, m
 
 
@@ -65,7 +73,8 @@ def dpo_objective(cfg: DPOConfig):
     def objective(graphdef, params, batch):
         rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in BATCH_KEYS}
         logp = sequence_logprobs(graphdef, params, rows).reshape(-1, 2)
-        loss, m = dpo_losses(logp, batch["ref_logps"], cfg)
+        loss, m = dpo_losses(logp, batch["ref_logps"], cfg,
+                             jnp.sum(batch["loss_weights"][:, 0], axis=-1))
         w = batch["weights"]
         sums = {"loss": jnp.sum(loss * w), "reward_margin": jnp.sum(cfg.beta * m * w),
                 "accuracy": jnp.sum((m > 0) * w), "chosen_logp": jnp.sum(logp[:, 0] * w),
