@@ -246,7 +246,7 @@ def format_table(results: dict, cfg: ExperimentConfig) -> str:
             r = results[name][mode]
             diff, err = lift(r, results["base"][mode])
             cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}",
-                      "–" if name == "base" else f"{diff:+.1f}" + (f" ± {err:.1f}" if err else "")]
+                      "–" if name == "base" else f"{diff:+.1f}" + ("" if err is None else f" ± {err:.1f}")]
         rows.append(f"| {label} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
