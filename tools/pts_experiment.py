@@ -245,8 +245,8 @@ def format_table(results: dict, cfg: ExperimentConfig) -> str:
         for mode in MODES:
             r = results[name][mode]
             diff, err = lift(r, results["base"][mode])
-            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}",
-                      "–" if name == "base" else f"{diff:+.1f}" + ("" if err is None else f" ± {err:.1f}")]
+            shown = f"{diff:+.1f}" + ("" if err is None else f" ± {err:.1f}")
+            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}", "–" if name == "base" else shown]
         rows.append(f"| {label} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
