@@ -25,24 +25,28 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
+from tools.jsonl import write_jsonl
 from tools.oracles import check, load_questions, prompt_ids, question_seed
 
 log = logging.getLogger("tools.evaluate")
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error sqrt(var / n), var the population variance (0, 0 if empty)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
 
 
 def summarize(scores: list[list[bool]]) -> dict:
     """Accuracy and its standard error from per-question sample outcomes: each question's rate
     is the mean of its samples, accuracy the mean rate, and the standard error
     sqrt(var(rates) / n) over the n questions (binomial sqrt(p (1 - p) / n) with one sample)."""
-    rates = [sum(s) / len(s) for s in scores]
-    n = len(rates)
-    if n == 0:
-        return {"accuracy": 0.0, "stderr": 0.0, "n": 0}
-    p = sum(rates) / n
-    var = sum((r - p) ** 2 for r in rates) / n
-    return {"accuracy": p, "stderr": math.sqrt(var / n), "n": n}
+    p, stderr = mean_stderr([sum(s) / len(s) for s in scores])
+    return {"accuracy": p, "stderr": stderr, "n": len(scores)}
 
 
 def evaluate(sampler, tokenizer, questions: list[dict], temperature: float = 0.0,
@@ -123,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = out.pop("results", None)
     if args.results:
-        path = Path(args.results)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-        tmp.replace(path)
+        write_jsonl(args.results, results)
     out = {"model": str(args.model), "questions": str(args.questions), **out}
     print(f"model        {args.model}")
     print(f"questions    {args.questions}  (n = {out['n']})")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -178,9 +177,8 @@ def lift(after: dict, before: dict) -> tuple[float, float | None]:
     a, b = after.get("rates"), before.get("rates")
     if not a or not b or len(a) != len(b):
         return diff, None
-    d = [100 * (x - y) for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    return diff, math.sqrt(sum((x - mean) ** 2 for x in d) / len(d) / len(d))
+    from tools.evaluate import mean_stderr
+    return diff, mean_stderr([100 * (x - y) for x, y in zip(a, b)])[1]
 
 
 def run(cfg: ExperimentConfig) -> dict:
