@@ -27,7 +27,7 @@ import sys
 import time
 
 from tools.jsonl import write_jsonl
-from tools.oracles import check, load_questions, prompt_ids, question_seed
+from tools.oracles import answer_text, check, load_questions, prompt_ids, question_seed
 
 log = logging.getLogger("tools.evaluate")
 
@@ -71,7 +71,7 @@ def evaluate(sampler, tokenizer, questions: list[dict], temperature: float = 0.0
             if len(questions) > per_call else requests
         outputs = sampler.generate(padded)[:len(chunk)]
         for q, out in zip(chunk, outputs):
-            texts = [tokenizer.decode([t for t in s.tokens if t not in stop]) for s in out]
+            texts = [answer_text(s.tokens, tokenizer) for s in out]
             ok = [check(q, text) for text in texts]
             scores.append(ok)
             if details:

@@ -86,3 +86,10 @@ def prompt_ids(question: dict, tokenizer) -> list[int]:
     if question.get("prompt_ids") is not None:
         return list(question["prompt_ids"])
     return tokenizer.encode_prompt([{"role": "user", "content": question["prompt"]}])
+
+
+def answer_text(tokens: list[int], tokenizer) -> str:
+    """A sampled answer's text: its tokens decoded, without the stop token that ended it."""
+    if tokens and tokens[-1] in tokenizer.stop_ids:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens)

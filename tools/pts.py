@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
 from tools.jsonl import write_jsonl
-from tools.oracles import check, load_questions, prompt_ids, question_error
+from tools.oracles import answer_text, check, load_questions, prompt_ids, question_error
 
 Prefix = tuple[int, ...]
 
@@ -424,9 +424,7 @@ class SamplerEstimator:
             bool(prefix and prefix[-1] in self.stop_ids)
 
     def judge(self, q: int, answer: list[int]) -> bool:
-        if answer and answer[-1] in self.stop_ids:
-            answer = answer[:-1]
-        text = self.tokenizer.decode(answer)
+        text = answer_text(answer, self.tokenizer)
         if (q, text) not in self.judged:
             self.judged[q, text] = check(self.questions[q], text)
         return self.judged[q, text]

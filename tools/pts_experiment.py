@@ -115,7 +115,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
     """`count` full-sequence pairs (correct sampled answer chosen, incorrect rejected), taken
     round-robin over questions, those in `first_ids` first."""
     from phijax.sampling import Request
-    from tools.oracles import check, prompt_ids
+    from tools.oracles import answer_text, check, prompt_ids
     rank = {qid: i for i, qid in enumerate(first_ids)}
     ordered = sorted(questions, key=lambda q: rank.get(q["id"], len(rank)))
     stops = tokenizer.stop_ids
@@ -129,8 +129,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
         for q, samples in zip(ordered[start:start + 32], sampler.generate(requests)):
             good, bad = [], []
             for s in samples:
-                text = tokenizer.decode([t for t in s.tokens if t not in stops])
-                (good if check(q, text) else bad).append(s.tokens)
+                (good if check(q, answer_text(s.tokens, tokenizer)) else bad).append(s.tokens)
             outcomes.append((good, bad))
         found = sum(min(len(g), len(b)) for g, b in outcomes)
         log.info("sequence pairs: %d/%d questions sampled, %d of %d pairs found, %.0f rollouts/s",
