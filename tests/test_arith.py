@@ -33,8 +33,10 @@ def test_held_out_templates_are_disjoint_but_exercise_train_operations():
             t = next(t for t in templates if t.name == p["template"])
             steps = "".join(x.split(" ")[1] for x in p["solution"].split(". ")[:-1])
             assert steps in t.op_sequences()
-    splits = {sp: {p["template"] for p in arith.generate(sp, 64)} for sp in ("train", "heldout", "pts")}
-    assert splits["train"] == splits["pts"] == train and splits["heldout"] == heldout
+    splits = {sp: {p["template"] for p in arith.generate(sp, 64)}
+              for sp in ("train", "heldout", "valid", "pts")}
+    assert splits["train"] == splits["pts"] == train
+    assert splits["heldout"] == splits["valid"] == heldout
 
 
 @pytest.mark.parametrize("split", ["train", "heldout", "pts"])
@@ -67,15 +69,18 @@ def test_numbers_keep_every_intermediate_non_negative():
 
 def test_write_task_is_deterministic_with_unique_stable_ids(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    arith.write_task(a, train=300, heldout=60, pts=120, seed=5)
-    arith.write_task(b, train=300, heldout=60, pts=120, seed=5)
-    arith.write_task(c, train=300, heldout=60, pts=120, seed=6)
-    for name in ("train.jsonl", "heldout.jsonl", "pts.jsonl"):
+    arith.write_task(a, train=300, heldout=60, pts=120, seed=5, valid=40)
+    arith.write_task(b, train=300, heldout=60, pts=120, seed=5, valid=40)
+    arith.write_task(c, train=300, heldout=60, pts=120, seed=6, valid=40)
+    names = ("train.jsonl", "heldout.jsonl", "valid.jsonl", "pts.jsonl")
+    for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes()
         assert (a / name).read_bytes() != (c / name).read_bytes()
-    train, heldout, pts = (_lines(a / n) for n in ("train.jsonl", "heldout.jsonl", "pts.jsonl"))
-    ids = [r["id"] for r in train + heldout + pts]
-    assert len(ids) == len(set(ids)) == 480
+    train, heldout, valid, pts = (_lines(a / n) for n in names)
+    ids = [r["id"] for r in train + heldout + valid + pts]
+    assert len(ids) == len(set(ids)) == 520
+    # validation questions come from the held-out templates but never repeat a held-out one
+    assert not {q["prompt"] for q in valid} & {q["prompt"] for q in heldout}
     # a larger set keeps the ids and texts of the smaller one (a question is (seed, split, i))
     arith.write_task(c, train=10, heldout=5, pts=5, seed=5)
     assert _lines(c / "heldout.jsonl") == heldout[:5]
@@ -104,8 +109,10 @@ def test_cli_writes_atomically_and_prints_counts(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["train"] == 50
-    assert sorted(p.name for p in out.iterdir()) == ["heldout.jsonl", "pts.jsonl", "train.jsonl"]
-    assert [len(_lines(out / n)) for n in ("train.jsonl", "heldout.jsonl", "pts.jsonl")] == [50, 12, 7]
+    assert sorted(p.name for p in out.iterdir()) == ["heldout.jsonl", "pts.jsonl", "train.jsonl",
+                                                     "valid.jsonl"]
+    assert [len(_lines(out / n)) for n in ("train.jsonl", "heldout.jsonl", "pts.jsonl",
+                                           "valid.jsonl")] == [50, 12, 7, 0]
     bad = subprocess.run(cmd[:5] + ["--train", "-1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--train must be >= 0" in bad.stderr
 

@@ -68,6 +68,8 @@ def test_bad_experiment_keys_are_named(tmp_path, capsys):
     assert "unknown key pts.rolouts (did you mean pts.rollouts?)" in capsys.readouterr().err
     assert main([cfg, "pts.recheck=4"]) == 2
     assert "--recheck 4: must be at least --rollouts" in capsys.readouterr().err
+    assert main([cfg, "eval.split=test"]) == 2
+    assert "eval.split: 'test' is not one of heldout, valid" in capsys.readouterr().err
     assert main([cfg, f"dpo_config={tmp_path / 'none.yaml'}"]) == 2
     assert "dpo_config:" in capsys.readouterr().err
 

@@ -14,13 +14,15 @@ questions), but both draw their steps from the same phrasings (`PERSON_STEPS`, `
 "buys 7 more" is +, "gives 5 to Ann" is -), so the skill transfers while the story frames are
 new. Every intermediate result is non-negative and solutions stay under ~45 tokens.
 
-    python -m tools.arith --out DIR [--train N] [--heldout N] [--pts N] [--seed S] [--max-number M]
+    python -m tools.arith --out DIR [--train N] [--heldout N] [--valid N] [--pts N] [--seed S]
+                          [--max-number M]
 
 writes, atomically, `DIR/train.jsonl` (chats `{"id", "messages": [user Q, assistant A]}`),
 `DIR/heldout.jsonl` (questions in the `tools.oracles` format `{"id", "kind": "math", "prompt",
-"answer"}` from the held-out templates) and `DIR/pts.jsonl` (the same format from the TRAIN
-templates with fresh numbers, no prompt equal to a training one: the question set for PTS and
-DPO). The same arguments give the same files byte for byte; a question's id names its split and
+"answer"}` from the held-out templates), `DIR/valid.jsonl` (more questions from the held-out
+templates, none equal to a held-out one: for choosing settings without looking at the held-out
+questions) and `DIR/pts.jsonl` (the same format from the TRAIN templates with fresh numbers, no
+prompt equal to a training one: the question set for PTS and DPO). The same arguments give the same files byte for byte; a question's id names its split and
 index (`arith-train-000042`), and its text is a function of (seed, split, index) alone.
 """
 from __future__ import annotations
@@ -182,10 +184,11 @@ def make_problem(template: Template, rng: random.Random, max_number: int = MAX_N
 
 def generate(split: str, n: int, seed: int = 0, max_number: int = MAX_NUMBER,
              max_factor: int = MAX_FACTOR, exclude: set[str] = frozenset()) -> list[dict]:
-    """`n` problems of `split` ("train" and "pts" use TRAIN templates, "heldout" HELDOUT), each
+    """`n` problems of `split` ("train" and "pts" use TRAIN templates, "heldout" and "valid"
+    HELDOUT), each
     {"id", "template", "question", "solution", "answer"}; templates in turn, numbers from
     (seed, split, index). Questions in `exclude` are drawn again."""
-    templates = HELDOUT if split == "heldout" else TRAIN
+    templates = HELDOUT if split in ("heldout", "valid") else TRAIN
     out = []
     for i in range(n):
         rng = random.Random(f"arith/{seed}/{split}/{i}")
@@ -209,17 +212,21 @@ def as_question(p: dict) -> dict:
 
 def write_task(out: str | Path, train: int = 20000, heldout: int = 500, pts: int = 1000,
                seed: int = 0, max_number: int = MAX_NUMBER,
-               max_factor: int = MAX_FACTOR) -> dict[str, int]:
-    """Write train.jsonl, heldout.jsonl and pts.jsonl under `out`; returns the counts."""
+               max_factor: int = MAX_FACTOR, valid: int = 0) -> dict[str, int]:
+    """Write train.jsonl, heldout.jsonl, valid.jsonl and pts.jsonl under `out`; returns the
+    counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(seed=seed, max_number=max_number, max_factor=max_factor)
     train_problems = generate("train", train, **kw)
     seen = {p["question"] for p in train_problems}
     write_jsonl(out / "train.jsonl", [as_chat(p) for p in train_problems])
-    write_jsonl(out / "heldout.jsonl", [as_question(p) for p in generate("heldout", heldout, **kw)])
+    heldout_problems = generate("heldout", heldout, **kw)
+    write_jsonl(out / "heldout.jsonl", [as_question(p) for p in heldout_problems])
+    valid_problems = generate("valid", valid, exclude={p["question"] for p in heldout_problems}, **kw)
+    write_jsonl(out / "valid.jsonl", [as_question(p) for p in valid_problems])
     write_jsonl(out / "pts.jsonl", [as_question(p) for p in generate("pts", pts, exclude=seen, **kw)])
-    return {"train": train, "heldout": heldout, "pts": pts}
+    return {"train": train, "heldout": heldout, "valid": valid, "pts": pts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,18 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=20000, help="training chats (default 20000)")
     ap.add_argument("--heldout", type=int, default=500,
                     help="held-out-template questions (default 500)")
+    ap.add_argument("--valid", type=int, default=0,
+                    help="more held-out-template questions, none a held-out one (default 0)")
     ap.add_argument("--pts", type=int, default=1000,
                     help="train-template questions with fresh numbers (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-number", type=int, default=MAX_NUMBER,
                     help=f"largest starting amount or addition (default {MAX_NUMBER})")
     args = ap.parse_args(argv)
-    for flag in ("train", "heldout", "pts"):
+    for flag in ("train", "heldout", "valid", "pts"):
         if getattr(args, flag) < 0:
             ap.error(f"--{flag} must be >= 0")
     if args.max_number < 4:
         ap.error("--max-number must be at least 4")
-    counts = write_task(args.out, args.train, args.heldout, args.pts, args.seed, args.max_number)
+    counts = write_task(args.out, args.train, args.heldout, args.pts, args.seed, args.max_number,
+                        valid=args.valid)
     print(json.dumps({"out": str(args.out), **counts, "seed": args.seed,
                       "max_number": args.max_number}))
     return 0

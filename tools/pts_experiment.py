@@ -4,8 +4,9 @@
 
 One command runs every stage, each skipped when its output already exists (rerun to resume):
 
-  1. data      `tools.arith` word problems: train chats, held-out questions (held-out story
-               templates), PTS questions (train templates, fresh numbers)     -> OUT/data/
+  1. data      `tools.arith` word problems: train chats, held-out and validation questions
+               (held-out story templates), PTS questions (train templates, fresh numbers)
+                                                                                -> OUT/data/
   2. base      `phijax train` on the chats from scratch                        -> OUT/base
                (or `base_run`: an existing run directory)
   3. PTS       `tools.pts` on the PTS questions with the base model            -> OUT/pairs-pts.jsonl
@@ -16,6 +17,9 @@ One command runs every stage, each skipped when its output already exists (rerun
   6. eval      held-out accuracy of the three models with its standard error, greedy and
                sampled (`eval.samples` answers per question at `eval.temperature`)
                                                                                 -> OUT/results.json
+               With `eval.split=valid` the models are scored on the validation questions
+               instead (-> OUT/results-valid.json): choose DPO settings there, then report the
+               held-out split once.
 
 It prints a table (accuracy ± standard error per model, lift over the base in points) and one
 JSON line. Overrides are dotted keys of this config (`out=runs/x`, `pts.rollouts=16`,
@@ -44,6 +48,7 @@ log = logging.getLogger("phijax")
 class TaskConfig:
     train: int = 20000
     heldout: int = 1000
+    valid: int = 1000  # held-out-template questions for choosing settings (`eval.split=valid`)
     pts: int = 1000
 
 
@@ -54,6 +59,7 @@ class EvalConfig:
     temperature: float = 1.0
     samples: int = 4
     max_new_tokens: int = 64
+    split: str = "heldout"  # or "valid"
 
 
 @dataclass
@@ -87,6 +93,8 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
         cfg.pts.validate()
     except ValueError as e:
         raise ConfigError(f"pts: {e}") from None
+    if cfg.eval.split not in SPLITS:
+        raise ConfigError(f"eval.split: {cfg.eval.split!r} is not one of {', '.join(SPLITS)}")
     for name in ("base_config", "dpo_config"):
         if not Path(getattr(cfg, name)).is_file():
             raise ConfigError(f"{name}: {getattr(cfg, name)} does not exist")
@@ -95,12 +103,14 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
 
 # ---------------------------------------------------------------- stages
 
+SPLITS = ("heldout", "valid")  # the questions `eval.split` scores models on
+
 def _data(cfg: ExperimentConfig, out: Path) -> Path:
     from tools.arith import write_task
     data = out / "data"
-    if not all((data / f"{n}.jsonl").is_file() for n in ("train", "heldout", "pts")):
+    if not all((data / f"{n}.jsonl").is_file() for n in ("train", "pts", cfg.eval.split)):
         write_task(data, train=cfg.task.train, heldout=cfg.task.heldout, pts=cfg.task.pts,
-                   seed=cfg.seed)
+                   valid=cfg.task.valid, seed=cfg.seed)
     return data
 
 
@@ -190,7 +200,8 @@ def run(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     data = _data(cfg, out)
-    heldout, pts_questions = load_questions(data / "heldout.jsonl"), load_questions(data / "pts.jsonl")
+    scored = load_questions(data / f"{cfg.eval.split}.jsonl")
+    pts_questions = load_questions(data / "pts.jsonl")
     if cfg.base_run:
         base = Path(cfg.base_run)
     else:
@@ -198,7 +209,8 @@ def run(cfg: ExperimentConfig) -> dict:
         _train(cfg.base_config, [f"data.corpus=[{data / 'train.jsonl'}]", f"run.dir={base}",
                                  *cfg.base_overrides])
     pairs_pts, pairs_seq = out / "pairs-pts.jsonl", out / "pairs-seq.jsonl"
-    results_path = out / "results.json"
+    results_path = out / ("results.json" if cfg.eval.split == "heldout" else
+                          f"results-{cfg.eval.split}.json")
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if not pairs_pts.is_file() or not pairs_seq.is_file():
         sampler, tokenizer = load_sampler(base)
@@ -222,7 +234,7 @@ def run(cfg: ExperimentConfig) -> dict:
     for name, run_dir in (("base", base), ("sequence_dpo", out / "dpo-seq"),
                           ("pts_dpo", out / "dpo-pts")):
         if name not in results:
-            results[name] = _evaluate(run_dir, heldout, cfg)
+            results[name] = _evaluate(run_dir, scored, cfg)
             results_path.write_text(json.dumps(results, indent=1))
     results["pairs"] = counts
     results["seconds"] = round(time.perf_counter() - t0, 1)
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results, cfg))
-    print(json.dumps({"heldout_questions": results["base"]["greedy"]["n"],
+    print(json.dumps({"split": cfg.eval.split, "questions": results["base"]["greedy"]["n"],
                       "sampled": {"temperature": cfg.eval.temperature, "samples": cfg.eval.samples},
                       **{k: {mode: {"accuracy": results[k][mode]["accuracy"],
                                     "stderr": results[k][mode]["stderr"],
