@@ -22,8 +22,9 @@ writes, atomically, `DIR/train.jsonl` (chats `{"id", "messages": [user Q, assist
 "answer"}` from the held-out templates), `DIR/valid.jsonl` (more questions from the held-out
 templates, none equal to a held-out one: for choosing settings without looking at the held-out
 questions) and `DIR/pts.jsonl` (the same format from the TRAIN templates with fresh numbers, no
-prompt equal to a training one: the question set for PTS and DPO). The same arguments give the same files byte for byte; a question's id names its split and
-index (`arith-train-000042`), and its text is a function of (seed, split, index) alone.
+prompt equal to a training one: the question set for PTS and DPO). The same arguments give the
+same files byte for byte; a question's id names its split and index (`arith-train-000042`), and
+its text is a function of (seed, split, index) alone.
 """
 from __future__ import annotations
 
@@ -185,9 +186,8 @@ def make_problem(template: Template, rng: random.Random, max_number: int = MAX_N
 def generate(split: str, n: int, seed: int = 0, max_number: int = MAX_NUMBER,
              max_factor: int = MAX_FACTOR, exclude: set[str] = frozenset()) -> list[dict]:
     """`n` problems of `split` ("train" and "pts" use TRAIN templates, "heldout" and "valid"
-    HELDOUT), each
-    {"id", "template", "question", "solution", "answer"}; templates in turn, numbers from
-    (seed, split, index). Questions in `exclude` are drawn again."""
+    HELDOUT), each {"id", "template", "question", "solution", "answer"}; templates in turn,
+    numbers from (seed, split, index). Questions in `exclude` are drawn again."""
     templates = HELDOUT if split in ("heldout", "valid") else TRAIN
     out = []
     for i in range(n):
@@ -223,8 +223,9 @@ def write_task(out: str | Path, train: int = 20000, heldout: int = 500, pts: int
     write_jsonl(out / "train.jsonl", [as_chat(p) for p in train_problems])
     heldout_problems = generate("heldout", heldout, **kw)
     write_jsonl(out / "heldout.jsonl", [as_question(p) for p in heldout_problems])
-    valid_problems = generate("valid", valid, exclude={p["question"] for p in heldout_problems}, **kw)
-    write_jsonl(out / "valid.jsonl", [as_question(p) for p in valid_problems])
+    heldout_questions = {p["question"] for p in heldout_problems}
+    write_jsonl(out / "valid.jsonl",
+                [as_question(p) for p in generate("valid", valid, exclude=heldout_questions, **kw)])
     write_jsonl(out / "pts.jsonl", [as_question(p) for p in generate("pts", pts, exclude=seen, **kw)])
     return {"train": train, "heldout": heldout, "valid": valid, "pts": pts}
 
