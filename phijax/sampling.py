@@ -247,7 +247,7 @@ def _prefill(cfg, how: Choice, vocab_limit: int, params, layers, prompts, pad, s
     logits = _limit(logits[source], vocab_limit)
     keys = _step_keys(_row_keys(seeds, draws), 0)
     token, logprob = _choose(logits, keys, temperature, top_k, top_p, how)
-    done = (token[:, None] == stop_ids).any(axis=-1) | (row_max_new <= 1)
+    done = _stopped(token, stop_ids) | (row_max_new <= 1)
     return caches, token, logprob, done
 
 
@@ -280,13 +280,18 @@ def _decode(cfg, how: Choice, vocab_limit: int, params, layers, caches, token, d
         out = out.at[:, i].set(jnp.where(done, 0, new))
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         count = count + (~done).astype(jnp.int32)
-        done = done | (new[:, None] == stop_ids).any(axis=-1) | (t + 1 >= row_max_new)
+        done = done | _stopped(new, stop_ids) | (t + 1 >= row_max_new)
         return i + 1, caches, new, out, out_lp, done, count
 
     state = (jnp.int32(0), caches, token, jnp.zeros((rows, SEGMENT), jnp.int32),
              jnp.zeros((rows, SEGMENT), jnp.float32), done, jnp.zeros(rows, jnp.int32))
     _, caches, token, out, out_lp, done, count = jax.lax.while_loop(cond, body, state)
     return caches, token, out, out_lp, count, done
+
+
+def _stopped(token, stop_ids):
+    """Per row: is `token` one of the row's stop ids (stop_ids (R, S), -1 padded)?"""
+    return (token[:, None] == stop_ids).any(axis=-1)
 
 
 def _row_keys(seeds, draws):
