@@ -15,7 +15,14 @@ MFU is model FLOPs utilisation against the *measured* matmul peak, not a datashe
 with flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * seq_len
 (PaLM appendix B; `phijax.train.metrics.flops_per_token`). Rematerialisation is not counted.
 
-The last stdout line is one JSON object (tokens_per_s, torch_tokens_per_s, ratio, mfu_cpu, ...).
+On a GPU (JAX's default backend) both sides run there: PyTorch on CUDA, under bfloat16 autocast
+when the config computes in bfloat16, and MFU is taken against the device's datasheet dense
+bfloat16 peak (`phijax.train.metrics.DEVICE_PEAKS`) instead of a measured one. PyTorch runs
+first and empties its cache; JAX allocates on demand, so the two share the card.
+Overrides follow the config as for `phijax train`: `... configs/bench-gpu-1b.yaml model.attention=xla`.
+
+The last stdout line is one JSON object (tokens_per_s, torch_tokens_per_s, ratio, mfu_cpu or
+mfu_gpu, ...).
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ import os
 import statistics
 import time
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU to PyTorch too
+
 import jax
 import numpy as np
 
 from phijax.config import load_config
 from phijax.data.loader import synthetic_batches
 from phijax.sharding import make_mesh
-from phijax.train.metrics import flops_per_token, measure_matmul_peak
+from phijax.train.metrics import device_peak, flops_per_token, measure_matmul_peak
 from phijax.train.step import build_trainer
 
 TARGET_RATIO, TARGET_MFU = 1.5, 0.65
@@ -67,6 +76,7 @@ def bench_torch(cfg, batches, warmup: int) -> float:
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     torch.set_num_threads(os.cpu_count())
     m, o = cfg.model, cfg.optimizer
     hf_cfg = Phi3Config(
@@ -79,19 +89,27 @@ def bench_torch(cfg, batches, warmup: int) -> float:
         pad_token_id=None, bos_token_id=None, eos_token_id=None)  # default pad id 32000 >= vocab
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(cfg.train.seed)
-    model = Phi3ForCausalLM(hf_cfg).to(torch.float32).train()
+    model = Phi3ForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
                             eps=o.eps, weight_decay=o.weight_decay, fused=True)  # ~3x foreach
+    # float32 master weights, bfloat16 compute: the same arithmetic as phijax's model.dtype.
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == "bfloat16")
 
     def step(batch):
-        tokens = torch.from_numpy(batch["tokens"]).long()
-        loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts labels itself
+        tokens = torch.from_numpy(batch["tokens"]).long().to(device)
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss.item()  # waits for the GPU
 
-    return timed_steps(step, batches, warmup)
+    t = timed_steps(step, batches, warmup)
+    del model, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return t
 
 
 def main() -> None:
@@ -99,26 +117,35 @@ def main() -> None:
     ap.add_argument("--config", default="configs/bench-cpu-53m.yaml")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.remat=full")
     args = ap.parse_args()
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     b, s, total = cfg.train.batch_size, cfg.data.seq_len, args.warmup + args.steps
     batches = list(synthetic_batches(cfg.model.vocab_size, b, s, cfg.data.seed, 0, total))
+    backend = jax.default_backend()
 
     def matmul_peak(tries: int) -> float:
         return max(measure_matmul_peak(n=4096, reps=3) for _ in range(tries))
 
-    peak_before = matmul_peak(3)
-    jax_t = bench_jax(cfg, batches, args.warmup)
+    if backend == "cpu":
+        peak_before = matmul_peak(3)
     torch_t = bench_torch(cfg, batches, args.warmup)
-    peak_after = matmul_peak(2)  # shared CPUs drift; the larger peak gives the smaller MFU
-    peak = max(peak_before, peak_after)
+    jax_t = bench_jax(cfg, batches, args.warmup)
+    if backend == "cpu":
+        peak_after = matmul_peak(2)  # shared CPUs drift; the larger peak gives the smaller MFU
+        peak = max(peak_before, peak_after)
+        peak_note = (f"matmul peak (float32 jnp.dot, n=4096): {peak / 1e9:.1f} GFLOP/s "
+                     f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
+    else:
+        peak = device_peak(None)
+        peak_note = f"{jax.devices()[0].device_kind}: datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s"
 
     fpt = flops_per_token(cfg.model, s)
     rows = {"jax phijax": jax_t, "torch transformers": torch_t}
-    print(f"matmul peak (float32 jnp.dot, n=4096): {peak / 1e9:.1f} GFLOP/s "
-          f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f}); "
-          f"model: {fpt / 1e6:.1f} MFLOP/token; batch {b} x seq {s}; {args.steps} timed steps")
+    print(f"{peak_note}; model: {fpt / 1e6:.1f} MFLOP/token, {cfg.model.dtype}, attention "
+          f"{cfg.model.attention}, remat {cfg.model.remat}; batch {b} x seq {s}; "
+          f"{args.steps} timed steps")
     print(f"{'':20s} {'step s':>8s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s}")
     for name, t in rows.items():
         tps = b * s / t
@@ -126,10 +153,10 @@ def main() -> None:
 
     tps, torch_tps = b * s / jax_t, b * s / torch_t
     print(json.dumps({"tokens_per_s": round(tps, 1), "torch_tokens_per_s": round(torch_tps, 1),
-                      "ratio": round(tps / torch_tps, 3), "mfu_cpu": round(tps * fpt / peak, 4),
-                      "matmul_peak_gflops": round(peak / 1e9, 1), "config": args.config,
-                      "steps": args.steps, "target_ratio": TARGET_RATIO,
-                      "target_mfu": TARGET_MFU}))
+                      "ratio": round(tps / torch_tps, 3), f"mfu_{backend}": round(tps * fpt / peak, 4),
+                      "peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].device_kind,
+                      "config": args.config, "overrides": args.overrides, "steps": args.steps,
+                      "target_ratio": TARGET_RATIO, "target_mfu": TARGET_MFU}))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = True
-    attention: str = "xla"  # xla | cudnn (falls back to xla off GPU)
+    attention: str = "xla"  # xla | cudnn (GPU + bfloat16 only; xla elsewhere)
 
     @property
     def dim_per_head(self) -> int:

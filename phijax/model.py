@@ -96,6 +96,16 @@ def query_blocks(seq_len: int, max_blocks: int = 8, min_size: int = 64) -> int:
     return blocks
 
 
+def uses_cudnn(cfg: ModelConfig) -> bool:
+    """Whether attention runs as cuDNN flash attention: `attention: cudnn`, a GPU, bfloat16.
+
+    cuDNN's fused attention takes half-precision inputs only; everywhere else (CPU, TPU, float32
+    compute) the same config runs the XLA attention below.
+    """
+    return (cfg.attention == "cudnn" and cfg.dtype == "bfloat16"
+            and jax.default_backend() == "gpu")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, kv, d = cfg.hidden_size, cfg.num_key_value_heads, cfg.dim_per_head
@@ -115,7 +125,7 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(b, s, *qkv.shape[1:])
         q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        if cfg.attention == "cudnn" and jax.default_backend() == "gpu":
+        if uses_cudnn(cfg):
             kv, d = k.shape[2], k.shape[3]
             out = jax.nn.dot_product_attention(
                 q.reshape(b, s, kv * g, d), k, v, mask=mask[:, 0], implementation="cudnn")

@@ -93,3 +93,16 @@ def test_block_skipping_attention_equals_full_softmax(blocks):
 def test_query_blocks_divide_the_sequence():
     from phijax.model import query_blocks
     assert [query_blocks(s) for s in (16, 64, 128, 512, 4096, 96, 200)] == [1, 1, 2, 8, 8, 1, 2]
+
+
+def test_cudnn_attention_falls_back_to_xla_off_gpu():
+    """`attention: cudnn` runs the XLA attention off GPU and in float32: same logits, bit for bit."""
+    from phijax.model import uses_cudnn
+    toks = tokens((2, 16))
+    segments = jnp.asarray([[0] * 5 + [1] * 11, [0] * 16])
+    for dtype in ("float32",) if jax.default_backend() == "gpu" else ("float32", "bfloat16"):
+        xla = dataclasses.replace(CFG, dtype=dtype)
+        cudnn = dataclasses.replace(xla, attention="cudnn")
+        assert not uses_cudnn(cudnn)
+        np.testing.assert_array_equal(init_model(cudnn, 0)(toks, None, segments),
+                                      init_model(xla, 0)(toks, None, segments))
