@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from phijax.config import load_config
 from phijax.data.corpus import documents

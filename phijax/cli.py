@@ -9,7 +9,6 @@ from phijax.config import ConfigError, load_config
 
 
 def _info(args) -> int:
-    import jax
     import numpy as np
     from flax import nnx
 

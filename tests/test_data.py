@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from phijax.data.corpus import Skipped, documents
-from phijax.data.loader import PackedDocuments, Windows, batches, split_windows
+from phijax.data.loader import Windows, batches, split_windows
 from phijax.data.mixture import BlockMixer
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import SPECIALS, Tokenizer, padded_vocab_size, train_tokenizer
