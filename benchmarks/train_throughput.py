@@ -17,8 +17,8 @@ with flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * seq_
 
 On a GPU (JAX's default backend) both sides run there: PyTorch on CUDA, under bfloat16 autocast
 when the config computes in bfloat16, and MFU is taken against the device's datasheet dense
-bfloat16 peak (`phijax.train.metrics.DEVICE_PEAKS`) instead of a measured one. PyTorch runs
-first and empties its cache; JAX allocates on demand, so the two share the card.
+bfloat16 peak (`phijax.train.metrics.DEVICE_PEAKS`) instead of a measured one. There PyTorch
+runs first and empties its cache, and JAX allocates on demand, so the two share the card.
 Overrides follow the config as for `phijax train`: `... configs/bench-gpu-1b.yaml model.attention=xla`.
 
 The last stdout line is one JSON object (tokens_per_s, torch_tokens_per_s, ratio, mfu_cpu or
@@ -130,8 +130,12 @@ def main() -> None:
 
     if backend == "cpu":
         peak_before = matmul_peak(3)
-    torch_t = bench_torch(cfg, batches, args.warmup)
-    jax_t = bench_jax(cfg, batches, args.warmup)
+    if backend == "cpu":  # JAX first: PyTorch's OpenMP threads spin on after it returns
+        jax_t = bench_jax(cfg, batches, args.warmup)
+        torch_t = bench_torch(cfg, batches, args.warmup)
+    else:  # PyTorch first: it hands its GPU memory back, JAX keeps what it took
+        torch_t = bench_torch(cfg, batches, args.warmup)
+        jax_t = bench_jax(cfg, batches, args.warmup)
     if backend == "cpu":
         peak_after = matmul_peak(2)  # shared CPUs drift; the larger peak gives the smaller MFU
         peak = max(peak_before, peak_after)
