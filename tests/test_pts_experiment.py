@@ -21,7 +21,7 @@ def test_one_command_runs_pts_and_sequence_dpo_and_reports_accuracy(tmp_path, ca
     out = tmp_path / "exp"
     write_jsonl(out / "data" / "train.jsonl", [{"id": "t", "messages": [
         {"role": "user", "content": "?"}, {"role": "assistant", "content": "7"}]}])
-    write_jsonl(out / "data" / "pts.jsonl", _questions("p", ["7"] * 6))
+    write_jsonl(out / "data" / "pts.jsonl", _questions("p", ["7"] * 40))
     write_jsonl(out / "data" / "heldout.jsonl", _questions("h", ["7", "8"] * 10))
     dpo = yaml.safe_load((ROOT / "configs" / "experiments" / "arith-dpo.yaml").read_text())
     dpo["model"].update(SEVEN_EIGHT_MODEL)
@@ -44,6 +44,9 @@ def test_one_command_runs_pts_and_sequence_dpo_and_reports_accuracy(tmp_path, ca
     pts = [json.loads(l) for l in (out / "pairs-pts.jsonl").read_text().splitlines()]
     seq = [json.loads(l) for l in (out / "pairs-seq.jsonl").read_text().splitlines()]
     assert pts and len(seq) == len(pts) == summary["pairs"]["pts"] == summary["pairs"]["sequence"]
+    # Sequence pairs spread over the questions, one each: all 40 are sampled although the first
+    # 32 (one sampling call) already hold enough pairs (they gave 31 questions for 38 pairs).
+    assert len({p["question_id"] for p in seq}) == len(seq)
     from phijax.data.tokenizer import Tokenizer
     tok = Tokenizer(base / "tokenizer.model")
     seven, eight = tok.encode(["7"])[0][0], tok.encode(["8"])[0][0]

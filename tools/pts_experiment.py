@@ -11,7 +11,7 @@ One command runs every stage, each skipped when its output already exists (rerun
                (or `base_run`: an existing run directory)
   3. PTS       `tools.pts` on the PTS questions with the base model            -> OUT/pairs-pts.jsonl
   4. sequence  as many full-sequence pairs (a correct sampled answer chosen, an incorrect one
-               rejected), from the same questions first                        -> OUT/pairs-seq.jsonl
+               rejected), round-robin over the questions PTS found pairs in    -> OUT/pairs-seq.jsonl
   5. DPO       `phijax dpo` from the base on each pair set, same config and steps
                                                                                 -> OUT/dpo-pts, OUT/dpo-seq
   6. eval      held-out accuracy of the three models with its standard error, greedy and
@@ -123,7 +123,9 @@ def _train(config: str, overrides: list[str], task=None) -> None:
 def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, count: int,
                     cfg: ExperimentConfig) -> list[dict]:
     """`count` full-sequence pairs (correct sampled answer chosen, incorrect rejected), taken
-    round-robin over questions, those in `first_ids` first."""
+    round-robin over questions, those in `first_ids` first. Every question in `first_ids` (those
+    PTS found pairs in) is sampled before sampling stops, so the pairs spread over the same
+    questions as PTS's rather than piling up on the first few hundred."""
     from phijax.sampling import Request
     from tools.oracles import answer_text, check, prompt_ids
     rank = {qid: i for i, qid in enumerate(first_ids)}
@@ -145,7 +147,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
         log.info("sequence pairs: %d/%d questions sampled, %d of %d pairs found, %.0f rollouts/s",
                  len(outcomes), len(ordered), min(found, count), count,
                  len(outcomes) * cfg.sequence_samples / (time.perf_counter() - t0))
-        if found >= count:
+        if found >= count and len(outcomes) >= len(rank):
             break
     pairs, used = [], {}
     while len(pairs) < count:
