@@ -128,20 +128,17 @@ def main() -> None:
     def matmul_peak(tries: int) -> float:
         return max(measure_matmul_peak(n=4096, reps=3) for _ in range(tries))
 
-    if backend == "cpu":
-        peak_before = matmul_peak(3)
     if backend == "cpu":  # JAX first: PyTorch's OpenMP threads spin on after it returns
+        peak_before = matmul_peak(3)
         jax_t = bench_jax(cfg, batches, args.warmup)
         torch_t = bench_torch(cfg, batches, args.warmup)
-    else:  # PyTorch first: it hands its GPU memory back, JAX keeps what it took
-        torch_t = bench_torch(cfg, batches, args.warmup)
-        jax_t = bench_jax(cfg, batches, args.warmup)
-    if backend == "cpu":
         peak_after = matmul_peak(2)  # shared CPUs drift; the larger peak gives the smaller MFU
         peak = max(peak_before, peak_after)
         peak_note = (f"matmul peak (float32 jnp.dot, n=4096): {peak / 1e9:.1f} GFLOP/s "
                      f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
-    else:
+    else:  # PyTorch first: it hands its GPU memory back, JAX keeps what it took
+        torch_t = bench_torch(cfg, batches, args.warmup)
+        jax_t = bench_jax(cfg, batches, args.warmup)
         peak = device_peak(None)
         peak_note = f"{jax.devices()[0].device_kind}: datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s"
 
