@@ -40,10 +40,10 @@ def loss_and_grad(cfg):
         nll = -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)
         return nll.mean(), logits
 
-    f = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (value, logits), grads = f(params, *batch())
-    hlo = f.lower(params, *batch()).compile().as_text()
-    return np.asarray(logits), float(value), jax.tree.map(np.asarray, grads), hlo
+    args = (params, *batch())
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
+    (value, logits), grads = step(*args)
+    return np.asarray(logits), float(value), jax.tree.map(np.asarray, grads), step.as_text()
 
 
 def rel_err(a, b):
