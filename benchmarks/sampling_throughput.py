@@ -10,6 +10,10 @@ the same weights on both sides through `phijax convert`'s `to_hf`):
   2. n=`--fan-n` samples of `--fan-new` tokens from one `--fan-prompt`-token prompt, with prefix
      sharing (one prefill, the cache fanned out) and without (every sample prefilled on its own);
      the same tokens either way.
+It also measures the float32 matmul peak (large `jnp.dot`s, as the training benchmark) and prints
+the ceiling: the new tokens/s of run 1 if every matmul of it (layers over all prompt tokens, layers
+and LM head over every new token; attention scores not counted, so the ceiling is generous) ran at
+that peak, and the ratio to transformers that would give (`ratio_at_peak`).
 The last stdout line is one JSON object. Target: phijax >= 5x transformers.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from flax import nnx
 from phijax.config import load_config
 from phijax.model import init_model
 from phijax.sampling import Request, Sampler
+from phijax.train.metrics import measure_matmul_peak, param_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 5.0
@@ -55,6 +60,15 @@ def hf_model(cfg, params, work: Path):
     model = Phi3ForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32,
                                             attn_implementation="sdpa")
     return model.eval()
+
+
+def matmul_flops(cfg, batch: int, prompt: int, new: int) -> float:
+    """Matmul FLOPs of sampling `new` tokens after `prompt` for `batch` rows, the LM head only
+    where a token is drawn (the last prompt position and each new token)."""
+    c = param_counts(cfg)
+    layers = c["attention"] + c["mlp"]
+    head = cfg.vocab_size * cfg.hidden_size
+    return 2.0 * batch * (prompt * layers + new * (layers + head))
 
 
 def main() -> None:
@@ -100,6 +114,9 @@ def main() -> None:
     shared_s = best_time(lambda: sampler.generate(fan), args.repeats)
     separate_s = best_time(lambda: sampler.generate(fan, share_prefix=False), args.repeats)
 
+    peak = max(measure_matmul_peak(n=4096, reps=3) for _ in range(3))
+    floor_s = matmul_flops(cfg.model, args.batch, args.prompt, args.new) / peak
+
     new_tokens = args.batch * args.new
     fan_tokens = args.fan_n * args.fan_new
     result = {
@@ -112,6 +129,9 @@ def main() -> None:
         "shared_prefix_new_tokens_per_s": round(fan_tokens / shared_s, 1),
         "separate_prefill_new_tokens_per_s": round(fan_tokens / separate_s, 1),
         "prefix_sharing_ratio": round(separate_s / shared_s, 2),
+        "peak_gflops": round(peak / 1e9, 1),
+        "new_tokens_per_s_at_peak": round(new_tokens / floor_s, 1),
+        "ratio_at_peak": round(hf_s / floor_s, 2),
         "jax": jax.__version__, "torch": torch.__version__,
     }
     rows = [(f"phijax, batch {args.batch}, prompt {args.prompt}, new {args.new}", ours_s,
@@ -126,6 +146,8 @@ def main() -> None:
         print(f"{name:<66} {seconds:>8.2f} {rate:>10,.1f}")
     print(f"ratio phijax / transformers: {result['ratio']} (target >= {TARGET}); "
           f"prefix sharing: {result['prefix_sharing_ratio']}x")
+    print(f"ceiling: every matmul at the float32 peak ({result['peak_gflops']} GFLOP/s) gives "
+          f"{result['new_tokens_per_s_at_peak']:,.1f} new tok/s, ratio {result['ratio_at_peak']}")
     print(json.dumps(result))
 
 
