@@ -126,14 +126,12 @@ def main() -> None:
     batches = list(synthetic_batches(cfg.model.vocab_size, b, s, cfg.data.seed, 0, total))
     backend = jax.default_backend()
 
-    def matmul_peak(tries: int) -> float:
-        return max(measure_matmul_peak(n=4096, reps=3) for _ in range(tries))
-
     if backend == "cpu":  # JAX first: PyTorch's OpenMP threads spin on after it returns
-        peak_before = matmul_peak(3)
+        peak_before = measure_matmul_peak(n=4096, reps=3, tries=3)
         jax_t = bench_jax(cfg, batches, args.warmup)
         torch_t = bench_torch(cfg, batches, args.warmup)
-        peak_after = matmul_peak(2)  # shared CPUs drift; the larger peak gives the smaller MFU
+        # shared CPUs drift; the larger peak gives the smaller MFU
+        peak_after = measure_matmul_peak(n=4096, reps=3, tries=2)
         peak = max(peak_before, peak_after)
         peak_note = (f"matmul peak (float32 jnp.dot, n=4096): {peak / 1e9:.1f} GFLOP/s "
                      f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")

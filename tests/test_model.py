@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from phijax.config import ModelConfig
-from phijax.model import init_model
+from phijax.model import init_model, uses_cudnn
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -97,7 +97,6 @@ def test_query_blocks_divide_the_sequence():
 
 def test_cudnn_attention_falls_back_to_xla_off_gpu():
     """`attention: cudnn` runs the XLA attention off GPU and in float32: same logits, bit for bit."""
-    from phijax.model import uses_cudnn
     toks = tokens((2, 16))
     segments = jnp.asarray([[0] * 5 + [1] * 11, [0] * 16])
     for dtype in ("float32",) if jax.default_backend() == "gpu" else ("float32", "bfloat16"):
