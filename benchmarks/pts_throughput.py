@@ -46,7 +46,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/pts_throughput.py` from anywhere
 
-from tools.oracles import load_questions, prompt_ids  # noqa: E402
+from phijax.eval.questions import load_questions, prompt_ids  # noqa: E402
 from tools.pts import PTSConfig, run_pts  # noqa: E402
 
 TARGET = 10.0

@@ -1,7 +1,13 @@
-"""`phijax` command line: train | sft | dpo | info | sample | serve | convert | tokenizer | data."""
+"""`phijax` command line: train | sft | dpo | info | sample | serve | convert | eval | tokenizer | data.
+
+Every command of phijax and its tools runs through `run_main`: logging to stderr, and a user's
+mistake (a bad config key, a missing file, a malformed record) printed as one line
+`PROG: error: ...` with exit status 2, before anything is compiled or sent over the network.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -98,6 +104,30 @@ def _convert(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from phijax.config import load
+    from phijax.eval.accuracy import EvalConfig, evaluate
+    from phijax.eval.questions import load_questions
+    from phijax.files import write_jsonl
+
+    cfg = load(EvalConfig, args.config, args.overrides)
+    questions = load_questions(args.questions)  # before the (slow) model load
+    from phijax.sampling import load_sampler
+    sampler, tokenizer = load_sampler(args.ckpt)
+    out = evaluate(sampler, tokenizer, questions, cfg, details=bool(args.results))
+    results = out.pop("results", None)
+    if args.results:
+        write_jsonl(args.results, results)
+    out = {"model": str(args.ckpt), "questions": str(args.questions), **out}
+    print(f"model        {args.ckpt}")
+    print(f"questions    {args.questions}  (n = {out['n']})")
+    print(f"sampling     temperature {cfg.temperature:g}, {cfg.samples} per question, "
+          f"max {cfg.max_new_tokens} new tokens, seed {cfg.seed}")
+    print(f"accuracy     {out['accuracy']:.4f} ± {out['stderr']:.4f}  ({out['seconds']:.1f} s)")
+    print(json.dumps(out))
+    return 0
+
+
 def _tokenizer_train(args) -> int:
     from phijax.data.corpus import check_specs, documents
     from phijax.data.tokenizer import train_tokenizer
@@ -189,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--max-shard-gb", type=float, default=5.0)
     s.set_defaults(fn=_convert)
+    s = sub.add_parser("eval", help="accuracy of a checkpoint on a question set")
+    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    s.add_argument("--questions", required=True, help="question JSONL (id, kind, prompt, answer)")
+    s.add_argument("--results", help="write per-question results (JSONL) here")
+    s.add_argument("--config", help="YAML of evaluation settings")
+    s.add_argument("overrides", nargs="*", help="temperature=0 samples=1 max_new_tokens=64 "
+                   "seed=0 batch=64 top_p=1.0")
+    s.set_defaults(fn=_eval)
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
     s = tok.add_parser("train", help="train a sentencepiece BPE tokenizer")
     s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:python-docs")
@@ -215,14 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
+             user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse `argv`, set up logging and run the chosen command (`args.fn(args)`); a user's
+    mistake (ConfigError, ValueError, or one of `user_errors`) becomes one line and exit 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, "Unable to initialize backend 'tpu'"
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError) as e:
-        print(f"phijax: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, *user_errors) as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser(), argv)

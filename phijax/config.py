@@ -1,9 +1,14 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted CLI overrides, validation.
+"""Typed configuration: dataclasses, one YAML loader with dotted `key=value` overrides, checks.
 
-Every check here runs before anything is compiled and fails with one line naming the key.
+Every config in phijax and its tools (training, mixtures, pipelines and their stages, PTS, the
+judge, evaluation, experiments) is a dataclass loaded by `load` (or `from_dict`): unknown keys,
+wrong types, missing required keys and out-of-range values each fail with one line naming the
+key, before anything is compiled or sent over the network. A field's range or choices are
+declared where the field is (`positive`, `ranged`, `one_of`) and checked by `check_fields`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -20,149 +25,110 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the key."""
 
 
-@dataclass
-class ModelConfig:
-    # Field names follow Hugging Face `Phi3Config`.
-    vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 192
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: Optional[int] = None  # default: hidden_size // num_attention_heads
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: str = "none"  # none | full | dots | dots_no_batch
-    scan_layers: bool = True
-    attention: str = "xla"  # xla | cudnn (GPU + bfloat16 only; xla elsewhere)
+# ---------------------------------------------------------------- declaring checks
 
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+def ranged(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None,
+           factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose value (when not None) must lie in the given bounds."""
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    return field(default=default, default_factory=factory, metadata={"bounds": bounds})
 
 
-@dataclass
-class MeshConfig:
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+def positive(default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that must be > 0 (when not None)."""
+    return ranged(default, gt=0)
 
 
-@dataclass
-class OptimizerConfig:
-    learning_rate: float = 3e-4
-    warmup_steps: int = 10
-    decay_steps: Optional[int] = None  # default: train.steps - warmup_steps
-    end_learning_rate_ratio: float = 0.1  # floor of the linear decay, as a fraction of peak
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_norms_and_embeddings: bool = False
-    grad_clip_norm: float = 1.0
-    z_loss: float = 0.0
+def one_of(default: Any, *choices: Any) -> Any:
+    """A dataclass field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
 
 
-@dataclass
-class DataConfig:
-    corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
-    mixture: Optional[str] = None  # mixture YAML (sources with shares); replaces `corpus`
-    text_field: str = "text"
-    tokenizer: Optional[str] = None  # sentencepiece .model; trained from corpus when unset
-    tokenizer_vocab_size: int = 512
-    tokenizer_multiple: int = 128  # pad the trained vocabulary to a multiple of this
-    cache_dir: str = "~/.cache/phijax"
-    seq_len: int = 64
-    document_mask: bool = True
-    packing: str = "windows"  # windows: fixed cuts of the token stream; documents: whole (SFT)
-    eval_fraction: float = 0.02
-    seed: int = 0
-    prefetch: int = 2
-    synthetic: bool = False  # random tokens instead of a corpus (benchmarks only)
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8  # global batch, in sequences
-    microbatches: int = 1
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 2
-    peak_flops_per_device: Optional[float] = None  # FLOP/s; measured on CPU when unset
+def _bounds_error(key: str, value, bounds: dict) -> str | None:
+    lo = ("gt", bounds["gt"]) if "gt" in bounds else ("ge", bounds["ge"]) if "ge" in bounds else None
+    hi = ("lt", bounds["lt"]) if "lt" in bounds else ("le", bounds["le"]) if "le" in bounds else None
+    tests = {"gt": lambda b: value > b, "ge": lambda b: value >= b,
+             "lt": lambda b: value < b, "le": lambda b: value <= b}
+    if all(tests[op](b) for op, b in filter(None, (lo, hi))):
+        return None
+    if lo and hi:
+        text = f"in {'(' if lo[0] == 'gt' else '['}{_num(lo[1])}, {_num(hi[1])}{')' if hi[0] == 'lt' else ']'}"
+    elif lo == ("gt", 0):
+        text = "positive"
+    else:
+        op, b = lo or hi
+        text = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[op] + f" {_num(b)}"
+    return f"{key} must be {text}, got {value}"
 
 
-@dataclass
-class CheckpointConfig:
-    every: int = 50
-    keep: int = 3
-    async_save: bool = True
-
-
-@dataclass
-class DPOConfig:
-    pairs: Optional[str] = None  # JSONL: prompt_ids, chosen_ids, rejected_ids (token ids)
-    reference: Optional[str] = None  # run directory of the reference model; default run.init_from
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO: the chance a label is flipped
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    rpo_alpha: float = 0.0  # + alpha * NLL of chosen per token (RPO: holds chosen log-probs up)
-
-
-@dataclass
-class RunConfig:
-    dir: str = "runs/default"
-    distributed: str = "auto"  # auto | on | off
-    init_from: Optional[str] = None  # run directory whose latest params start a new run (SFT, DPO)
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-
-
-CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("xla", "cudnn"),
-    "run.distributed": ("auto", "on", "off"),
-    "data.packing": ("windows", "documents"),
-    "dpo.loss": ("sigmoid", "ipo"),
-}
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every declared range and choice of a dataclass instance, recursively."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        bounds = f.metadata.get("bounds")
+        if bounds and value is not None:
+            error = _bounds_error(key, value, bounds)
+            if error:
+                raise ConfigError(error)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_fields(item, f"{key}[{i}]")
 
 
 # ---------------------------------------------------------------- loading
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "a mapping"}
+
+
+def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return _NAMES.get(origin or tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return copy.deepcopy(value)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, args[0], key)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)):
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, {} if value is None else value, key)
+    if origin is list or tp is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and \
+                not dataclasses.is_dataclass(inner):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return copy.deepcopy(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -186,98 +152,225 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
+    raise TypeError(f"{key}: unsupported config type {tp}")
 
 
-def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """An instance of dataclass `cls` from a mapping, every value coerced to its field's type."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown key {full}{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, full)
-        else:
-            kwargs[key] = _coerce(value, tp, full)
+        kwargs[key] = _coerce(value, hints[key], full)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: required")
     return cls(**kwargs)
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """raw[a][b]... = value for `a.b...`; a number part indexes a list (`stages.0.n`)."""
     parts = dotted.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-    node[parts[-1]] = value
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise ConfigError(f"override {dotted}: {part} is not an index of "
+                                  f"{'.'.join(parts[:i])} (0..{len(node) - 1})")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (key, value), values parsed as YAML (`3e-4`, `[a, b]`, `true`)."""
     out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=20")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text else ""))
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"config file {path}: invalid YAML: {first}") from None
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """The mapping in a YAML file (empty file: {}); one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load(cls: type, path: str | Path | None = None, overrides: list[str] = (), *,
+         raw: Optional[dict] = None, what: str = "config file") -> Any:
+    """Dataclass `cls` from a YAML file (and/or a `raw` mapping) plus dotted overrides, checked."""
+    raw = copy.deepcopy(raw) if raw is not None else read_yaml(path, what) if path else {}
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(raw, key, value)
-    cfg = from_dict(Config, raw, "")
+        set_dotted(raw, key, value)
+    obj = from_dict(cls, raw, "")
+    check_fields(obj)
+    return obj
+
+
+# ---------------------------------------------------------------- the training config
+
+@dataclass
+class ModelConfig:
+    # Field names follow Hugging Face `Phi3Config`.
+    vocab_size: int = positive(512)
+    hidden_size: int = positive(64)
+    intermediate_size: int = positive(192)
+    num_hidden_layers: int = positive(2)
+    num_attention_heads: int = positive(4)
+    num_key_value_heads: int = positive(2)
+    head_dim: Optional[int] = positive(None)  # default: hidden_size // num_attention_heads
+    rope_theta: float = positive(10000.0)
+    rms_norm_eps: float = positive(1e-5)
+    max_position_embeddings: int = positive(4096)
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = one_of("float32", "float32", "bfloat16")  # compute dtype; params are float32
+    remat: str = one_of("none", "none", "full", "dots", "dots_no_batch")
+    scan_layers: bool = True
+    attention: str = one_of("xla", "xla", "cudnn")  # cudnn: GPU + bfloat16 only; xla elsewhere
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class MeshConfig:
+    data: int = positive(1)
+    fsdp: int = positive(1)
+    tensor: int = positive(1)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = positive(3e-4)
+    warmup_steps: int = ranged(10, ge=0)
+    decay_steps: Optional[int] = positive(None)  # default: train.steps - warmup_steps
+    end_learning_rate_ratio: float = ranged(0.1, ge=0, le=1)  # floor of the decay, x peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = positive(1e-8)
+    weight_decay: float = ranged(0.1, ge=0)
+    decay_norms_and_embeddings: bool = False
+    grad_clip_norm: float = ranged(1.0, ge=0)
+    z_loss: float = ranged(0.0, ge=0)
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
+    mixture: Optional[str] = None  # mixture YAML (sources with shares); replaces `corpus`
+    text_field: str = "text"
+    tokenizer: Optional[str] = None  # sentencepiece .model; trained from corpus when unset
+    tokenizer_vocab_size: int = positive(512)
+    tokenizer_multiple: int = positive(128)  # pad the trained vocabulary to a multiple of this
+    cache_dir: str = "~/.cache/phijax"
+    seq_len: int = positive(64)
+    document_mask: bool = True
+    packing: str = one_of("windows", "windows", "documents")  # documents: whole (SFT)
+    eval_fraction: float = ranged(0.02, ge=0, lt=1)
+    seed: int = 0
+    prefetch: int = 2
+    synthetic: bool = False  # random tokens instead of a corpus (benchmarks only)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = positive(100)
+    batch_size: int = positive(8)  # global batch, in sequences
+    microbatches: int = positive(1)
+    seed: int = 0
+    log_every: int = positive(10)
+    eval_every: int = positive(50)
+    eval_batches: int = 2
+    peak_flops_per_device: Optional[float] = None  # FLOP/s; measured on CPU when unset
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = positive(50)
+    keep: int = positive(3)
+    async_save: bool = True
+
+
+@dataclass
+class DPOConfig:
+    pairs: Optional[str] = None  # JSONL: prompt_ids, chosen_ids, rejected_ids (token ids)
+    reference: Optional[str] = None  # run directory of the reference model; default run.init_from
+    beta: float = positive(0.1)
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # conservative DPO: P(label flipped)
+    loss: str = one_of("sigmoid", "sigmoid", "ipo")
+    rpo_alpha: float = ranged(0.0, ge=0)  # + alpha * NLL of chosen per token (RPO)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    distributed: str = one_of("auto", "auto", "on", "off")
+    init_from: Optional[str] = None  # run directory whose latest params start a new run (SFT, DPO)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = load(Config, path, overrides)
     validate(cfg)
     return cfg
 
 
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-# ---------------------------------------------------------------- validation
-
 def validate(cfg: Config, device_count: Optional[int] = None) -> None:
-    """Static checks; `device_count` adds the checks that depend on the machine."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    positive = {
-        "model": ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "rope_theta", "rms_norm_eps"],
-        "mesh": ["data", "fsdp", "tensor"],
-        "train": ["steps", "batch_size", "microbatches", "log_every", "eval_every"],
-        "data": ["seq_len", "tokenizer_vocab_size", "tokenizer_multiple"],
-        "checkpoint": ["every", "keep"],
-        "optimizer": ["learning_rate", "eps"],
-    }
-    for section, names in positive.items():
-        for name in names:
-            value = getattr(getattr(cfg, section), name)
-            if value <= 0:
-                raise ConfigError(f"{section}.{name} must be positive, got {value}")
+    """Every field's range, then the checks across fields; `device_count` adds the checks that
+    depend on the machine."""
+    check_fields(cfg)
     m = cfg.model
-    if m.head_dim is not None and m.head_dim <= 0:
-        raise ConfigError(f"model.head_dim must be positive, got {m.head_dim}")
     if m.head_dim is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size {m.hidden_size} is not divisible by "
                           f"model.num_attention_heads {m.num_attention_heads}")
@@ -289,19 +382,6 @@ def validate(cfg: Config, device_count: Optional[int] = None) -> None:
     if m.num_attention_heads % cfg.mesh.tensor:
         raise ConfigError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
                           f"mesh.tensor {cfg.mesh.tensor}")
-    o = cfg.optimizer
-    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip_norm < 0 or o.z_loss < 0:
-        raise ConfigError("optimizer.warmup_steps, weight_decay, grad_clip_norm and z_loss must be >= 0")
-    if not 0.0 <= o.end_learning_rate_ratio <= 1.0:
-        raise ConfigError(f"optimizer.end_learning_rate_ratio must be in [0, 1], got {o.end_learning_rate_ratio}")
-    if cfg.dpo.beta <= 0:
-        raise ConfigError(f"dpo.beta must be positive, got {cfg.dpo.beta}")
-    if cfg.dpo.rpo_alpha < 0:
-        raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
-    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_position_embeddings "
                           f"{m.max_position_embeddings}")

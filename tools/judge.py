@@ -37,7 +37,7 @@ from typing import Optional
 
 from tools import jsonl
 from tools.jsonl import write_jsonl
-from tools.oracles import question_seed
+from phijax.eval.questions import question_seed
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "judge.txt"
 SKIP_REASONS = ("identical", "unparseable", "inconsistent", "teacher_error")

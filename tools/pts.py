@@ -52,8 +52,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
-from tools.jsonl import write_jsonl
-from tools.oracles import answer_text, check, load_questions, prompt_ids, question_error
+from phijax.eval.questions import answer_text, check, load_questions, prompt_ids, question_error
+from phijax.files import write_jsonl
 
 Prefix = tuple[int, ...]
 

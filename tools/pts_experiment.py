@@ -127,7 +127,7 @@ def _sequence_pairs(sampler, tokenizer, questions: list[dict], first_ids: list, 
     PTS found pairs in) is sampled before sampling stops, so the pairs spread over the same
     questions as PTS's rather than piling up on the first few hundred."""
     from phijax.sampling import Request
-    from tools.oracles import answer_text, check, prompt_ids
+    from phijax.eval.questions import answer_text, check, prompt_ids
     rank = {qid: i for i, qid in enumerate(first_ids)}
     ordered = sorted(questions, key=lambda q: rank.get(q["id"], len(rank)))
     stops = tokenizer.stop_ids
@@ -169,13 +169,14 @@ MODES = ("greedy", "sampled")
 
 def _evaluate(run_dir: Path, questions: list[dict], cfg: ExperimentConfig) -> dict:
     from phijax.sampling import load_sampler
-    from tools.evaluate import evaluate
+    from phijax.eval.accuracy import EvalConfig, evaluate
     sampler, tokenizer = load_sampler(run_dir)
     e = cfg.eval
 
     def score(temperature, samples):
-        out = evaluate(sampler, tokenizer, questions, temperature=temperature, samples=samples,
-                       max_new_tokens=e.max_new_tokens, seed=cfg.seed, batch=512, details=True)
+        out = evaluate(sampler, tokenizer, questions, EvalConfig(
+            temperature=temperature, samples=samples, max_new_tokens=e.max_new_tokens,
+            seed=cfg.seed, batch=512), details=True)
         out["rates"] = [r["correct"] / r["samples"] for r in out.pop("results")]
         return out
     return {"greedy": score(0.0, 1), "sampled": score(e.temperature, e.samples)}
@@ -188,7 +189,7 @@ def lift(after: dict, before: dict) -> tuple[float, float | None]:
     a, b = after.get("rates"), before.get("rates")
     if not a or not b or len(a) != len(b):
         return diff, None
-    from tools.evaluate import mean_stderr
+    from phijax.eval.accuracy import mean_stderr
     return diff, mean_stderr([100 * (x - y) for x, y in zip(a, b)])[1]
 
 
@@ -196,7 +197,7 @@ def run(cfg: ExperimentConfig) -> dict:
     from phijax.posttrain.dpo import dpo_task
     from phijax.sampling import load_sampler
     from tools.jsonl import write_jsonl
-    from tools.oracles import load_questions
+    from phijax.eval.questions import load_questions
     from tools.pts import run_pts
 
     out = Path(cfg.out)

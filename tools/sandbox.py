@@ -155,6 +155,15 @@ def run_python(code: str, *, stdin: str = "", files: Mapping[str, str | bytes] |
                limits=limits, unsafe_allow_network=unsafe_allow_network, unsafe=unsafe)
 
 
+ORACLE_LIMITS = Limits(cpu_seconds=5, wall_seconds=10, memory_mb=256)
+
+
+def passes(code: str, tests: str) -> bool:
+    """Whether `code` followed by `tests` exits 0 in the sandbox: the code oracle of
+    evaluation, PTS and judge pairs (registered as the `phijax.sandbox` entry point)."""
+    return run_python(code + "\n\n" + tests, limits=ORACLE_LIMITS).ok
+
+
 def run(argv: Sequence[str], *, stdin: str | bytes = "",
         files: Mapping[str, str | bytes] | None = None, limits: Limits = Limits(),
         unsafe_allow_network: bool = False, unsafe: bool = False,

@@ -47,6 +47,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from phijax.eval.answers import extract_python
 from tools import jsonl
 from tools.pipeline import (PipelineError, Stage, StageContext, StageError, _canonical, _check,
                             _child, _sha256, register_stage, render_template)
@@ -169,7 +170,7 @@ class DifficultyStage(_TemplatedStage):
     def __init__(self, name: str, params: dict, key: str):
         super().__init__(name, params, key)
         _known(params, self.KEYS, key, "difficulty")
-        from tools.answers import KINDS
+        from phijax.eval.answers import KINDS
         self.field = _field(params, "field", "question", key)
         self.k = _int(params, "k", 8, key, 2)
         self.kind = params.get("kind", "auto")
@@ -190,7 +191,7 @@ class DifficultyStage(_TemplatedStage):
                 "percent_as_fraction": self.percent_as_fraction}
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
-        from tools.answers import difficulty_filter
+        from tools.difficulty import difficulty_filter
         question = _get(record, self.field)
         view = dict(record, question=question)
         answers = await self._ask(ctx, "difficulty", view, n=self.k)
@@ -282,20 +283,6 @@ class SelfReviseStage(_TemplatedStage):
 
 
 # ---------------------------------------------------------------- code verification
-
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
-
-
-def extract_python(text: str) -> Optional[str]:
-    """The last ```python (or ```py) block of a reply, else its last unlabelled ``` block;
-    None when there is none."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text or "")]
-    for langs in (("python", "py", "python3"), ("",)):
-        found = [body for lang, body in blocks if lang in langs]
-        if found:
-            return found[-1].rstrip() + "\n"
-    return None
-
 
 def _tail(text: str, limit: int) -> str:
     return text if len(text) <= limit else "...\n" + text[-limit:]

@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import yaml
 
-from phijax.config import ConfigError, from_dict
+from phijax.config import ConfigError, from_dict, read_yaml
 
 
 @dataclass
 class SourceConfig:
-    name: str = ""
-    share: float = 0.0
+    name: str
+    share: float
     corpus: list[str] = field(default_factory=list)  # specs to build a store from (cached)
     glob: Optional[str] = None  # which files of a corpus directory to read, e.g. "**/*.py"
     store: Optional[str] = None  # or an existing token store directory
@@ -31,20 +30,15 @@ class SourceConfig:
 
 @dataclass
 class MixtureConfig:
-    sources: list = None
+    sources: list[SourceConfig]
     max_epochs: float = 20.0  # the report warns when a source would repeat more often
 
 
 def load_mixture(path: str | Path) -> MixtureConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"mixture file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    sources = raw.pop("sources", None)
-    if not isinstance(sources, list) or not sources:
+    raw = read_yaml(path, "mixture file")
+    if not isinstance(raw.get("sources"), list) or not raw["sources"]:
         raise ConfigError(f"mixture {path}: 'sources' must be a non-empty list")
-    cfg = from_dict(MixtureConfig, raw, "mixture")
-    cfg.sources = [from_dict(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(sources)]
+    cfg = from_dict(MixtureConfig, raw)
     validate_mixture(cfg)
     return cfg
 

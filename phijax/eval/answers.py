@@ -1,4 +1,4 @@
-"""Final-answer extraction and the Phi-4 difficulty filter (DESIGN.md §1, "Question difficulty").
+"""Answer extraction: the final answer of a solution, in a canonical form, and code blocks.
 
 `normalize_answer(text)` pulls the final answer out of a solution and puts it in a canonical form,
 so that answers from independent teacher samples can be compared with `==`:
@@ -15,19 +15,14 @@ so that answers from independent teacher samples can be compared with `==`:
   end of its line ("the answer is a prime" is not choice A).
 
 It returns None when nothing can be extracted; unparseable answers never agree with anything.
-
-`difficulty_filter(answers)` applies the filter to the k answers sampled for one question.
+`extract_python(text)` is the code a reply gives in its last Python block.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections import Counter
 from fractions import Fraction
-from typing import Sequence
 
 KINDS = ("auto", "math", "choice")
-_LETTERS = "A-J"
 _CUE = r"(?:final\s+answer|correct\s+(?:answer|option|choice)|answer|option|choice)"
 _CHOICE_AFTER_CUE = re.compile(  # only the cue words ignore case: "is a prime" is not "is A"
     r"(?i:" + _CUE + r"\s*(?:is|:|=)?\s*(?:option\s+|choice\s+)?)(?:\(([A-Ja-j])\)|([A-J])\b(?![\w'-])|"
@@ -153,50 +148,15 @@ def normalize_answer(text: str | None, kind: str = "auto", *, percent_as_fractio
     return normalize_math(numbers[-1], percent_as_fraction) if numbers else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    keep: bool
-    reason: str                 # "kept", "all_agree", "none_agree" or "too_few"
-    reference: str | None       # the plurality answer (normalised), None if nothing parsed
-    agreement: float            # plurality count / k (unparseable answers count in k)
-    count: int                  # plurality count
-    k: int                      # answers sampled
-    reference_index: int | None  # first answer whose normalised form is the reference
-    counts: dict                # normalised answer -> count (unparseable left out)
-    tie: bool = False           # another answer had the same plurality count
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
 
 
-def difficulty_filter(answers: Sequence[str | None], kind: str = "auto", *, min_agree: int = 2,
-                      max_agreement: float = 1.0, min_k: int = 2,
-                      percent_as_fraction: bool = False) -> Decision:
-    """Phi-4's difficulty filter for one question from its k independent teacher answers.
-
-    Drop as too easy ("all_agree") when the plurality share reaches `max_agreement` (default 1.0:
-    all k answers parse and agree). Drop as too hard ("none_agree") when the plurality count is
-    below `min_agree` (default 2: with k >= 2 no two answers agree, including when none parse).
-    Fewer than `min_k` answers: dropped as "too_few". Otherwise keep, with the plurality answer as
-    the reference and its share as `agreement`. Unparseable answers (None) never agree with
-    anything but count in k. Ties for plurality go to the smallest normalised string, so the
-    decision does not depend on the order the samples arrived in (`tie` flags them).
-    """
-    norm = [normalize_answer(a, kind, percent_as_fraction=percent_as_fraction) if a is not None else None
-            for a in answers]
-    k = len(norm)
-    counts = Counter(a for a in norm if a is not None)
-    if counts:
-        top = max(counts.values())
-        leaders = sorted(a for a, c in counts.items() if c == top)
-        reference, count, tie = leaders[0], top, len(leaders) > 1
-        ref_index = norm.index(reference)
-    else:
-        reference, count, tie, ref_index = None, 0, False, None
-    agreement = count / k if k else 0.0
-    if k < min_k:
-        reason = "too_few"
-    elif count < min_agree:
-        reason = "none_agree"
-    elif agreement >= max_agreement:
-        reason = "all_agree"
-    else:
-        reason = "kept"
-    return Decision(reason == "kept", reason, reference, agreement, count, k, ref_index, dict(counts), tie)
+def extract_python(text: str) -> str | None:
+    """The last ```python (or ```py) block of a reply, else its last unlabelled ``` block;
+    None when there is none."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text or "")]
+    for langs in (("python", "py", "python3"), ("",)):
+        found = [body for lang, body in blocks if lang in langs]
+        if found:
+            return found[-1].rstrip() + "\n"
+    return None

@@ -1,5 +1,5 @@
-"""Success oracles for sampled answers: math (final answer), code (tests in the sandbox) and
-multiple choice (letter). One question format serves PTS, judge pairs and evaluation:
+"""Questions and their success oracles: math (final answer), code (tests in a sandbox) and
+multiple choice (letter). One question format serves evaluation, PTS and judge pairs:
 
     {"id": "q1", "kind": "math" | "code" | "choice",
      "prompt": "text"  (rendered as a user turn of the chat template)
@@ -7,18 +7,28 @@ multiple choice (letter). One question format serves PTS, judge pairs and evalua
      "answer": "3/4"  (math, choice)  |  "tests": "assert f(1) == 2"  (code)}
 
 `check(question, completion_text)` says whether a completion succeeds: math answers go through
-`tools.answers.normalize_answer` on both sides (integers, fractions, decimals, `\\boxed{}`),
-choice answers compare letters, and code completions run (their last ```python block, else the
-whole text) followed by the tests in `tools.sandbox`; exit status 0 is success.
+`normalize_answer` on both sides (integers, fractions, decimals, `\\boxed{}`), choice answers
+compare letters, and code completions (their last ```python block, else the whole text) run
+followed by the tests in a sandbox; exit status 0 is success.
+
+Generated code never runs in this process: the sandbox is whatever an installed package
+registers under the `phijax.sandbox` entry point (phijax's `tools` registers its namespace
+sandbox), a function `(code, tests) -> bool`.
 """
 from __future__ import annotations
 
+import functools
 import zlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable
 
-from tools.answers import normalize_answer
-from tools.jsonl import records
+from phijax.config import ConfigError
+from phijax.eval.answers import extract_python, normalize_answer
+from phijax.files import read_jsonl
 
 KINDS = ("math", "code", "choice")
+CodeRunner = Callable[[str, str], bool]  # (code, tests) -> the tests pass
 
 
 def question_error(q) -> str | None:
@@ -45,33 +55,41 @@ def question_error(q) -> str | None:
     return None
 
 
-def check(question: dict, completion: str, limits=None) -> bool:
-    """Whether `completion` answers `question` correctly."""
+@functools.cache
+def installed_sandbox() -> CodeRunner:
+    """The `phijax.sandbox` entry point's code runner."""
+    found = entry_points(group="phijax.sandbox")
+    if not found:
+        raise ConfigError("code questions need a sandbox, and no package registers one under "
+                          "the phijax.sandbox entry point (install phijax with `pip install -e .`)")
+    return sorted(found, key=lambda e: e.name)[0].load()
+
+
+def check(question: dict, completion: str, run_code: CodeRunner | None = None) -> bool:
+    """Whether `completion` answers `question` correctly (code runs in `run_code`, by default
+    the installed sandbox)."""
     kind = question["kind"]
     if kind == "code":
-        from tools.sandbox import Limits, run_python
-        from tools.stages import extract_python
         code = extract_python(completion) or completion
-        result = run_python(code + "\n\n" + question["tests"], limits=limits or Limits(
-            cpu_seconds=5, wall_seconds=10, memory_mb=256))
-        return result.ok
+        return (run_code or installed_sandbox())(code, question["tests"])
     got = normalize_answer(completion, kind)
     return got is not None and got == normalize_answer(str(question["answer"]), kind)
 
 
-def load_questions(path) -> list[dict]:
-    """The question records of a JSONL file; ValueError naming file:line for a bad or repeated one."""
+def load_questions(path: str | Path) -> list[dict]:
+    """The question records of a JSONL file; ConfigError naming file:line for a bad or repeated
+    one."""
     questions, seen = [], {}
-    for lineno, q in records(path):
+    for lineno, q in read_jsonl(path):
         error = question_error(q)
         if error is None and str(q["id"]) in seen:
             error = f"id {q['id']!r} already used at line {seen[str(q['id'])]}"
         if error:
-            raise ValueError(f"{path}:{lineno}: {error}")
+            raise ConfigError(f"{path}:{lineno}: {error}")
         seen[str(q["id"])] = lineno
         questions.append(q)
     if not questions:
-        raise ValueError(f"{path}: no questions")
+        raise ConfigError(f"{path}: no questions")
     return questions
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, question oracles, accuracy with its standard error."""

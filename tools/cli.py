@@ -1,0 +1,236 @@
+"""`phijax-tools`: offline data preparation around phijax.
+
+    run       run or resume a teacher pipeline (PIPELINE.yaml [key=value ...])
+    pts       Pivotal Token Search: single-token DPO pairs from a checkpoint's rollouts
+    judge     judge-guided DPO pairs: two sampled answers compared by a teacher
+    seeds     seed records from documents and code: chunk | code | dedup
+    decontam  n-gram decontamination against eval sets: build | filter
+    quality   the non-LLM quality classifier: train | eval | score
+
+Commands that take a config (run, pts, judge) read their settings as `key=value` overrides of
+typed config fields, as `phijax train` does; handlers import their libraries lazily.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from phijax.cli import run_main
+
+
+def _overrides(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help=f"dotted config overrides, e.g. {example}")
+
+
+# ---------------------------------------------------------------- run
+
+def _run(args) -> int:
+    from tools.pipeline import load_pipeline, run_pipeline, run_pipeline_ray
+
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("--executor ray: ray is not installed; pip install ray") from None
+    pipe = load_pipeline(args.pipeline, args.overrides)
+    if args.check:
+        print(f"ok: {args.pipeline}: {len(pipe.stages)} stages, {pipe.shards} shards, "
+              f"output {pipe.output}")
+        return 0
+    if args.main_process:  # a real process: SIGTERM saves finished seeds like Ctrl-C does
+        import signal
+
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, _term)
+    try:
+        if args.executor == "ray":
+            summary = run_pipeline_ray(pipe, progress=not args.no_progress,
+                                       retry_failed=args.retry_failed,
+                                       num_cpus=args.ray_num_cpus)
+        else:
+            summary = asyncio.run(run_pipeline(pipe, progress=not args.no_progress,
+                                               retry_failed=args.retry_failed))
+    except KeyboardInterrupt:
+        print("interrupted; finished seeds are saved, rerun to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run or resume a teacher pipeline")
+    p.add_argument("pipeline", help="pipeline YAML file")
+    _overrides(p, "shards=8 teacher.concurrency=16 stages.0.n=2")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one process, one async teacher (default); ray: needs ray")
+    p.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+                   help="--executor ray without RAY_ADDRESS: CPUs of the local Ray instance "
+                   "(default: all); one shard task per CPU at a time")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="process seeds recorded in failures.jsonl again")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--check", action="store_true",
+                   help="validate the pipeline and exit (no network)")
+    p.set_defaults(fn=_run)
+
+
+# ---------------------------------------------------------------- pts
+
+def _pts(args) -> int:
+    from phijax.config import load
+    from phijax.eval.questions import load_questions
+    from phijax.files import write_jsonl
+    from tools.pts import PTSConfig, run_pts
+
+    cfg = load(PTSConfig, args.config, args.overrides)
+    questions = load_questions(args.questions)
+    from phijax.sampling import load_sampler  # JAX only once the inputs are known good
+    sampler, tokenizer = load_sampler(args.model)
+    pairs, stats = run_pts(sampler, tokenizer, questions, cfg,
+                           log=(lambda line: None) if args.quiet else None)
+    write_jsonl(args.out, pairs)
+    print(json.dumps(stats.summary()))
+    return 0
+
+
+def _add_pts(sub) -> None:
+    p = sub.add_parser("pts", help="Pivotal Token Search: single-token DPO pairs")
+    p.add_argument("model", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    p.add_argument("questions", help="question JSONL (id, kind, prompt or prompt_ids, answer)")
+    p.add_argument("--out", required=True, help="pairs JSONL, written atomically")
+    p.add_argument("--config", help="YAML of PTS settings")
+    p.add_argument("--quiet", action="store_true", help="no per-round log lines")
+    _overrides(p, "rollouts=64 recheck=256 p_gap=0.2 max_new_tokens=512")
+    p.set_defaults(fn=_pts)
+
+
+# ---------------------------------------------------------------- judge
+
+def _judge(args) -> int:
+    from phijax.config import load
+    from tools.judge import JudgeConfig, run_judge
+
+    cfg = load(JudgeConfig, args.config, args.overrides)
+    stats = asyncio.run(run_judge(args.model, args.prompts, args.out, cfg))
+    skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items())
+    print(f"judged {stats['prompts']} prompts -> {stats['pairs']} pairs (skipped: {skipped}; "
+          f"{stats['teacher_calls']} teacher calls) -> {stats['out']}", file=sys.stderr)
+    print(json.dumps(stats))
+    return 0
+
+
+def _add_judge(sub) -> None:
+    p = sub.add_parser("judge", help="judge-guided DPO pairs (two samples, compared by a teacher)")
+    p.add_argument("model", help="run directory of the model being trained")
+    p.add_argument("prompts", help="JSONL prompt records (prompt, prompt_ids or messages)")
+    p.add_argument("--out", required=True, help="JSONL of DPO sequence pairs (token ids)")
+    p.add_argument("--config", help="YAML of judge settings (teacher: {base_url, model, ...})")
+    _overrides(p, "teacher.base_url=http://127.0.0.1:8000/v1 teacher.model=NAME temperature=1.0")
+    p.set_defaults(fn=_judge)
+
+
+# ---------------------------------------------------------------- seeds, decontam, quality
+
+def _seeds(args) -> int:
+    from tools import seeds
+    print(json.dumps(seeds.run_command(args)))
+    return 0
+
+
+def _add_seeds(sub) -> None:
+    p = sub.add_parser("seeds", help="seed records: chunk documents, cut code, deduplicate")
+    cmds = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("chunk", "split each record's text into chunks within a token budget"),
+                        ("code", "cut source files into functions and classes"),
+                        ("dedup", "drop exact and near-duplicate records (MinHash)")):
+        s = cmds.add_parser(name, help=help_)
+        s.add_argument("input", help="JSONL records")
+        s.add_argument("output", help="JSONL records, written atomically")
+        if name in ("chunk", "dedup"):
+            s.add_argument("--field", default="text")
+        if name in ("chunk", "code"):
+            s.add_argument("--max-tokens", type=int, default=512)
+        if name == "chunk":
+            s.add_argument("--id-field", default="id")
+        if name == "code":
+            s.add_argument("--source-field", default="text")
+            s.add_argument("--path-field", default="path")
+        if name == "dedup":
+            s.add_argument("--threshold", type=float, default=0.8)
+        s.set_defaults(fn=_seeds)
+
+
+def _decontam(args) -> int:
+    from tools import decontam
+    print(json.dumps(decontam.run_command(args)))
+    return 0
+
+
+def _add_decontam(sub) -> None:
+    p = sub.add_parser("decontam", help="13-gram / 7-gram decontamination against eval sets")
+    cmds = p.add_subparsers(dest="cmd", required=True)
+    b = cmds.add_parser("build", help="index eval JSONL files")
+    b.add_argument("evals", nargs="+")
+    b.add_argument("--out", required=True, help="index file (.npz)")
+    b.add_argument("--text-field", action="append", help="repeatable; default: text")
+    b.add_argument("--whitelist", help="text file, one common phrase per line")
+    b.add_argument("--max-items-per-ngram", type=int, default=10)
+    b.add_argument("--threshold", type=float, default=0.5)
+    f = cmds.add_parser("filter", help="drop contaminated records from a JSONL file")
+    f.add_argument("input")
+    f.add_argument("--index", required=True)
+    f.add_argument("--output", required=True)
+    f.add_argument("--removed", help="also write removed records (with their hit) here")
+    f.add_argument("--text-field", default="text")
+    for s in (b, f):
+        s.set_defaults(fn=_decontam)
+
+
+def _quality(args) -> int:
+    from tools import quality
+    return quality.run_command(args)
+
+
+def _add_quality(sub) -> None:
+    p = sub.add_parser("quality", help="quality classifier on teacher labels: train | eval | score")
+    cmds = p.add_subparsers(dest="cmd", required=True)
+    t = cmds.add_parser("train", help="fit on labelled JSONL (text, score 0-5)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True, help="model file (.npz)")
+    t.add_argument("--holdout", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    e = cmds.add_parser("eval", help="accuracy and Cohen's kappa against held-out labels")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    s = cmds.add_parser("score", help="P(high quality) per record, written as its `quality` field")
+    s.add_argument("--model", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
+    for c in (t, e, s):
+        c.add_argument("--text-field", default="text")
+        c.add_argument("--label-field", default="score")
+        c.set_defaults(fn=_quality)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phijax-tools", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_pts, _add_judge, _add_seeds, _add_decontam, _add_quality):
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.set_defaults(main_process=argv is None)
+    from tools.teacher import TeacherError
+    return run_main(parser, argv, user_errors=(TeacherError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
