@@ -5,6 +5,10 @@ Layers are stacked on a leading axis and run with `jax.lax.scan` under `jax.chec
 Every parameter carries logical axis names (`out_sharding` metadata) that `phijax.sharding`
 maps onto the mesh. Parameters are float32; compute runs in `config.dtype`.
 
+The same modules run two ways: `__call__` over whole sequences (training, scoring), and `decode`
+over a few new tokens at a time against a KV cache (sampling, serving, PTS rollouts). Both share
+the projections, RoPE, norms and MLP; only how attention reads its keys differs.
+
 Projection layouts (HF fuses `qkv_proj` as [q | k | v] and `gate_up_proj` as [gate | up]):
   qkv      (embed, kv_heads, q_per_kv + 2, head_dim)  -- per KV group: its query heads, then k, v
   o        (kv_heads, q_per_kv, head_dim, embed)
@@ -12,13 +16,19 @@ Projection layouts (HF fuses `qkv_proj` as [q | k | v] and `gate_up_proj` as [ga
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from phijax.config import ModelConfig
 
-nnx.use_eager_sharding(False)  # shardings are applied at the jit boundary, not at creation
+# Shardings are applied at the jit boundary, not when a Variable is created, in every thread
+# (sampling also runs in server and judge worker threads).
+flax.config.update("flax_always_shard_variable", False)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute everything
@@ -115,26 +125,77 @@ class Attention(nnx.Module):
         self.o = _param(rngs, (kv, g, d, e), ("kv_heads", None, "head_dim", "embed"), std)
         self.cfg = cfg
 
+    def project(self, x, rope_cs, b: int, s: int):
+        """q (b, s, kv, g, d), k and v (b, s, kv, d) of x (b * s, embed), RoPE applied to q, k."""
+        g = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        qkv = jnp.einsum("te,ekhd->tkhd", x, self.qkv[...].astype(x.dtype))
+        qkv = qkv.reshape(b, s, *qkv.shape[1:])
+        q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        return rope(q, *rope_cs), rope(k, *rope_cs), v
+
+    def output(self, out):
+        """(tokens, kv, g, d) attention outputs -> (tokens, embed)."""
+        return jnp.einsum("tkhd,khde->te", out, self.o[...].astype(out.dtype))
+
     def __call__(self, x, rope_cs, mask):
         """x: (tokens, embed), tokens = b * s flattened; mask: (b, 1, 1, s, s)."""
         cfg = self.cfg
         dt = x.dtype
         b, s = mask.shape[0], mask.shape[-1]
-        g = cfg.num_attention_heads // cfg.num_key_value_heads
-        qkv = jnp.einsum("te,ekhd->tkhd", x, self.qkv[...].astype(dt))
-        qkv = qkv.reshape(b, s, *qkv.shape[1:])
-        q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+        q, k, v = self.project(x, rope_cs, b, s)
         if uses_cudnn(cfg):
-            kv, d = k.shape[2], k.shape[3]
+            kv, g, d = q.shape[2:]
             out = jax.nn.dot_product_attention(
                 q.reshape(b, s, kv * g, d), k, v, mask=mask[:, 0], implementation="cudnn")
             out = out.reshape(b, s, kv, g, d)
         else:
             q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
             out = causal_attention(q, k, v, mask, query_blocks(s))
-        out = out.reshape(b * s, *out.shape[2:])
-        return jnp.einsum("tkhd,khde->te", out, self.o[...].astype(dt))
+        return self.output(out.reshape(b * s, *out.shape[2:]))
+
+    def decode(self, x, rope_cs, cache, slot, mask):
+        """x: (b * s, embed), s new tokens per row written to cache slots [slot, slot + s);
+        cache: keys (b, kv, d, slots) and values (b, kv, slots, d); mask: (b, 1, s * g, slots).
+        Returns the attention output (b * s, embed) and the updated cache.
+
+        Keys are cached with head_dim before the slots and values with the slots first: both
+        attention products then reduce over a major axis with the minor axis contiguous, which
+        vectorizes on CPU, and the cache is never transposed.
+        """
+        cache_k, cache_v = cache
+        b = cache_k.shape[0]
+        s = x.shape[0] // b
+        q, k, v = self.project(x, rope_cs, b, s)
+        kv, g, d = q.shape[2:]
+        cache_k = jax.lax.dynamic_update_slice(
+            cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, slot))
+        cache_v = jax.lax.dynamic_update_slice(
+            cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, slot, 0))
+        # Queries laid out (position, head in group) per KV head: (b, kv, s * g, d).
+        q = (q * jnp.asarray(d ** -0.5, x.dtype)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
+        out = cached_attention(q, cache_k, cache_v, mask)
+        out = out.reshape(b, kv, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b * s, kv, g, d)
+        return self.output(out), (cache_k, cache_v)
+
+
+def cached_attention(q, cache_k, cache_v, mask):
+    """Softmax attention of q (b, kv, n, d) over cached keys (b, kv, d, slots) and values
+    (b, kv, slots, d) where mask (b, 1, n, slots) allows; -> (b, kv, n, d)."""
+    dt = q.dtype
+    if q.shape[2] <= 8:  # decoding: a handful of queries per row, where a batched matmul of
+        # (b * kv) tiny products is slow on CPU; multiply-and-reduce reads the cache once, and
+        # written as a sum over head_dim (not a reduce of the broadcast product, which XLA:CPU
+        # runs 1.7x slower) it is one elementwise loop over the slots.
+        qf = q.astype(jnp.float32)
+        scores = functools.reduce(jnp.add, (qf[..., i, None] * cache_k[:, :, None, i]
+                                            for i in range(q.shape[-1])))
+    else:
+        scores = jnp.einsum("bkqd,bkdt->bkqt", q, cache_k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    if q.shape[2] <= 8:
+        return jnp.sum(probs[..., None] * cache_v[:, :, None], axis=3)
+    return jnp.einsum("bkqt,bktd->bkqd", probs, cache_v)
 
 
 class MLP(nnx.Module):
@@ -162,6 +223,12 @@ class Block(nnx.Module):
     def __call__(self, x, rope_cs, mask):
         x = x + self.attn(self.attn_norm(x), rope_cs, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x, rope_cs, cache, slot, mask):
+        """`__call__` for new tokens against a KV cache (see `Attention.decode`)."""
+        out, cache = self.attn.decode(self.attn_norm(x), rope_cs, cache, slot, mask)
+        x = x + out
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class Phi(nnx.Module):
@@ -210,6 +277,29 @@ class Phi(nnx.Module):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
         return self.final_norm(x).reshape(b, s, -1)
 
+    def blocks(self) -> list[Block]:
+        """The stacked layers as one Block each (slices of the stacked weights)."""
+        graphdef, stacked = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+                for i in range(self.cfg.num_hidden_layers)]
+
+    def decode(self, tokens, positions, caches, slot, key_start):
+        """Run tokens (b, s) at cache slots [slot, slot + s), where row r's keys start at slot
+        key_start[r] (its left padding is skipped): float32 logits of each row's last token,
+        and the updated caches (one (keys, values) pair per layer, see `empty_caches`)."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, s = tokens.shape
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt)
+        rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
+        mask = cache_mask(slot, s, caches[0][1].shape[2], key_start, g)
+        new = []
+        for block, cache in zip(self.blocks(), caches):
+            x, cache = block.decode(x, rope_cs, cache, slot, mask)
+            new.append(cache)
+        return self.logits(self.final_norm(x.reshape(b, s, -1)[:, -1])), new
+
     def output_weights(self):
         """(hidden, vocab) projection to logits, float32."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
@@ -226,3 +316,43 @@ class Phi(nnx.Module):
 
 def init_model(cfg: ModelConfig, seed: int) -> Phi:
     return Phi(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Phi:
+    """The model's shapes, dtypes and logical axis names, with nothing allocated."""
+    return nnx.eval_shape(lambda: init_model(cfg, 0))
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(cfg_fields: tuple):
+    return nnx.graphdef(abstract_model(ModelConfig(*cfg_fields)))
+
+
+def model_from_params(cfg: ModelConfig, params) -> Phi:
+    """The model holding `params` (a pure dict, as training and checkpoints keep them); works
+    inside `jax.jit` too."""
+    return nnx.merge(_graphdef(dataclasses.astuple(cfg)), params)
+
+
+def empty_caches(cfg: ModelConfig, b: int, slots: int):
+    """Per layer, (keys (b, kv, head_dim, slots), values (b, kv, slots, head_dim)), zeros."""
+    kv, d, dt = cfg.num_key_value_heads, cfg.dim_per_head, jnp.dtype(cfg.dtype)
+    return [(jnp.zeros((b, kv, d, slots), dt), jnp.zeros((b, kv, slots, d), dt))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def cache_mask(slot, s: int, slots: int, key_start, g: int):
+    """(b, 1, s * g, slots): query i (at slot + i, repeated for the g heads of a KV group) sees
+    the cache slots from its row's key_start up to itself."""
+    query_slot = slot + jnp.arange(s)
+    key_slot = jnp.arange(slots)
+    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & \
+        (key_slot[None, None, :] >= key_start[:, None, None])
+    return jnp.repeat(mask, g, axis=1)[:, None]
+
+
+def compute_dtype_params(cfg: ModelConfig, params):
+    """`params` with every matrix cast to the compute dtype once (norm scales stay float32),
+    for code that runs the model many times on the same weights (sampling, serving)."""
+    dt = jnp.dtype(cfg.dtype)
+    return jax.tree.map(lambda a: a.astype(dt) if a.ndim >= 2 else a, params)

@@ -31,8 +31,8 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phijax.config import ModelConfig
-from phijax.model import rope, rope_tables
+from phijax.model import compute_dtype_params, empty_caches, model_from_params
 from phijax.sharding import RULES
 
 
@@ -96,87 +96,6 @@ def check_request(r: Request, max_len: int, vocab_size: int) -> str | None:
     if not 0 < r.top_p <= 1:
         return f"top_p must be in (0, 1], got {r.top_p}"
     return None
-
-
-# ------------------------------------------------------------------ the model, functionally
-
-def _norm(x, scale, eps):
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * scale).astype(x.dtype)
-
-
-def _layer(cfg: ModelConfig, w, x, rope_cs, cache_k, cache_v, slot, mask):
-    """One block on x (b, s, e) at cache slots [slot, slot + s); returns x and the cache.
-
-    Keys are cached (b, kv_heads, head_dim, slots) and values (b, kv_heads, slots, head_dim):
-    both attention products then reduce over a major axis with the slots (or head_dim) minor,
-    which vectorizes on CPU, and the cache is never transposed; projections are 2-D matmuls over
-    b * s rows.
-    """
-    dt = x.dtype
-    b, s, e = x.shape
-    kv, d = cfg.num_key_value_heads, cfg.dim_per_head
-    g = cfg.num_attention_heads // kv
-    h = _norm(x, w["attn_norm"]["scale"], cfg.rms_norm_eps).reshape(b * s, e)
-    qkv = (h @ w["attn"]["qkv"].astype(dt).reshape(e, -1)).reshape(b, s, kv, g + 2, d)
-    q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
-    q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv, d, s), (b, kv, s, d)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, slot))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
-    q = (q * jnp.asarray(d ** -0.5, dt)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
-    if s * g <= 8:  # decoding: a handful of queries per row, where a batched matmul of
-        # (b * kv) tiny products is slow on CPU; multiply-and-reduce reads the cache once, and
-        # written as a sum over head_dim (not a reduce of the broadcast product, which XLA:CPU
-        # runs 1.7x slower) it is one elementwise loop over the slots.
-        qf = q.astype(jnp.float32)
-        scores = functools.reduce(jnp.add, (qf[..., i, None] * cache_k[:, :, None, i]
-                                            for i in range(d)))
-    else:
-        scores = jnp.einsum("bkqd,bkdt->bkqt", q, cache_k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if s * g <= 8:
-        out = jnp.sum(probs[..., None] * cache_v[:, :, None], axis=3).reshape(b, kv, s, g, d)
-    else:
-        out = jnp.einsum("bkqt,bktd->bkqd", probs, cache_v).reshape(b, kv, s, g, d)
-    out = out.transpose(0, 2, 1, 3, 4).reshape(b * s, kv * g * d)
-    x = x + (out @ w["attn"]["o"].astype(dt).reshape(-1, e)).reshape(b, s, e)
-    h = _norm(x, w["mlp_norm"]["scale"], cfg.rms_norm_eps).reshape(b * s, e)
-    m = w["mlp"]
-    h = jax.nn.silu(h @ m["gate"].astype(dt)) * (h @ m["up"].astype(dt))
-    return x + (h @ m["down"].astype(dt)).reshape(b, s, e), cache_k, cache_v
-
-
-def empty_caches(cfg: ModelConfig, b: int, total: int):
-    """Per layer, (keys (b, kv, head_dim, total), values (b, kv, total, head_dim)), zeros."""
-    kv, d, dt = cfg.num_key_value_heads, cfg.dim_per_head, jnp.dtype(cfg.dtype)
-    return [(jnp.zeros((b, kv, d, total), dt), jnp.zeros((b, kv, total, d), dt))
-            for _ in range(cfg.num_hidden_layers)]
-
-
-def _step(cfg, params, layers, tokens, positions, caches, slot, key_start):
-    """Run tokens (b, s) at slots [slot, slot + s): logits of the last position, caches."""
-    dt = jnp.dtype(cfg.dtype)
-    g = cfg.num_attention_heads // cfg.num_key_value_heads
-    s, total = tokens.shape[1], caches[0][1].shape[2]
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-    rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
-    query_slot = slot + jnp.arange(s)
-    key_slot = jnp.arange(total)
-    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & \
-        (key_slot[None, None, :] >= key_start[:, None, None])
-    # (b, 1, s * g, total): queries are laid out (position, head in group)
-    mask = jnp.repeat(mask, g, axis=1)[:, None]
-    new = []
-    for w, (ck, cv) in zip(layers, caches):
-        x, ck, cv = _layer(cfg, w, x, rope_cs, ck, cv, slot, mask)
-        new.append((ck, cv))
-    h = _norm(x[:, -1], params["final_norm"]["scale"], cfg.rms_norm_eps)
-    out_w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(h, out_w.astype(dt), preferred_element_type=jnp.float32)
-    return logits, new
 
 
 def _draw(keys, logits, block: int = 128):
@@ -235,14 +154,14 @@ def _choose(logits, keys, temperature, top_k, top_p, how: Choice):
 SEGMENT = 32  # decode steps per compiled segment
 
 
-def _prefill(cfg, how: Choice, vocab_limit: int, params, layers, prompts, pad, source, seeds,
+def _prefill(cfg, how: Choice, vocab_limit: int, params, prompts, pad, source, seeds,
              draws, temperature, top_k, top_p, row_max_new, stop_ids):
     """prompts (B, P) left-padded by pad (B,) -> per sample row (R,): the caches of its prompt
     (`source`: fan-out, one prefill per prompt), its first token, that token's log-prob, done."""
     b, p = prompts.shape
-    caches = empty_caches(cfg, b, p)
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
-    logits, caches = _step(cfg, params, layers, prompts, positions, caches, 0, pad)
+    logits, caches = model_from_params(cfg, params).decode(
+        prompts, positions, empty_caches(cfg, b, p), 0, pad)
     caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
     logits = _limit(logits[source], vocab_limit)
     keys = _step_keys(_row_keys(seeds, draws), 0)
@@ -259,10 +178,11 @@ def _regroup(slots: int, caches, index, token):
     return [(grow(ck, 3), grow(cv, 2)) for ck, cv in caches], jnp.take(token, index)
 
 
-def _decode(cfg, how: Choice, vocab_limit: int, params, layers, caches, token, done, t0, p,
+def _decode(cfg, how: Choice, vocab_limit: int, params, caches, token, done, t0, p,
             seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids, length, pad):
     """Up to SEGMENT decode steps t0, t0 + 1, ... (prompts of P = p slots, left-padded by pad):
     the caches, each row's new tokens and log-probs (SEGMENT,) and their count, done."""
+    model = model_from_params(cfg, params)
     rows = token.shape[0]
     row_keys = _row_keys(seeds, draws)
 
@@ -273,8 +193,8 @@ def _decode(cfg, how: Choice, vocab_limit: int, params, layers, caches, token, d
     def body(state):
         i, caches, token, out, out_lp, done, count = state
         t = t0 + i
-        logits, caches = _step(cfg, params, layers, token[:, None], (length + t - 1)[:, None],
-                               caches, p + t - 1, pad)
+        logits, caches = model.decode(token[:, None], (length + t - 1)[:, None], caches,
+                                      p + t - 1, pad)
         new, lp = _choose(_limit(logits, vocab_limit), _step_keys(row_keys, t), temperature,
                           top_k, top_p, how)
         out = out.at[:, i].set(jnp.where(done, 0, new))
@@ -318,7 +238,7 @@ def _programs(cfg_fields: tuple):
     cfg = ModelConfig(*cfg_fields)
     prefill = jax.jit(functools.partial(_prefill, cfg), static_argnums=(0, 1))
     regroup = jax.jit(_regroup, static_argnums=0)
-    decode = jax.jit(functools.partial(_decode, cfg), static_argnums=(0, 1), donate_argnums=(4,))
+    decode = jax.jit(functools.partial(_decode, cfg), static_argnums=(0, 1), donate_argnums=(3,))
     return prefill, regroup, decode
 
 
@@ -330,11 +250,7 @@ class Sampler:
         self.cfg, self.mesh = cfg, mesh
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.max_len = cfg.max_position_embeddings
-        self.params = {k: v for k, v in params.items() if k != "layers"}
-        # Per-layer weights (split once): decoding slices no stacked array per step.
-        self.layers = [jax.tree.map(lambda a: a[i], params["layers"])
-                       for i in range(cfg.num_hidden_layers)]
-        self.calls = 0
+        self.params = compute_dtype_params(cfg, params)
 
     def _put(self, *arrays):
         """Row arrays split over the mesh's data axes (where the rows divide evenly)."""
@@ -357,7 +273,6 @@ class Sampler:
             error = check_request(r, self.max_len, self.cfg.vocab_size)
             if error:
                 raise ValueError(f"request {i}: {error}")
-        self.calls += 1
         rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
         n_rows = _rows_bucket(len(rows))
         rows_padded = rows + [(0, 0)] * (n_rows - len(rows))
@@ -394,7 +309,7 @@ class Sampler:
         prefill, regroup, decode = _programs(dataclasses.astuple(self.cfg))
         names = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
         caches, token, logprob, done = prefill(
-            how, self.vocab_limit, self.params, self.layers,
+            how, self.vocab_limit, self.params,
             *self._put(prompts, pad, source, *(row[k] for k in names)))
         max_new = max(r.max_new_tokens for r in requests)
         out = np.zeros((n_rows, max_new), np.int32)
@@ -417,7 +332,7 @@ class Sampler:
                              row["length"][alive], row["pad"][alive])
             caches, token = regroup(p + t0 + SEGMENT - 1, caches, args[0], token)
             caches, token, seg, seg_lp, seg_n, done = decode(
-                how, self.vocab_limit, self.params, self.layers, caches, token, args[1],
+                how, self.vocab_limit, self.params, caches, token, args[1],
                 np.int32(t0), np.int32(p), *args[2:])
             seg, seg_lp, seg_n, done = jax.device_get((seg, seg_lp, seg_n, done))
             for k, o in enumerate(alive):

@@ -16,7 +16,8 @@ import yaml
 from flax import nnx
 
 from phijax.config import Config, ConfigError, from_dict, to_dict
-from phijax.model import init_model
+from phijax.files import atomic_write
+from phijax.model import abstract_model
 from phijax.sharding import named, param_specs
 
 
@@ -29,10 +30,10 @@ def load_config(run_dir: str | Path) -> Config:
 
 def abstract_params(cfg: Config, mesh: jax.sharding.Mesh | None = None):
     """Shape/dtype (and sharding, given a mesh) of every parameter, as a pure dict."""
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(cfg.model, 0))))
+    state = nnx.state(abstract_model(cfg.model))
+    abstract = nnx.to_pure_dict(state)
     if mesh is None:
         return abstract
-    _, state = nnx.split(nnx.eval_shape(lambda: init_model(cfg.model, 0)))
     shardings = named(param_specs(state, mesh), mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
@@ -68,7 +69,7 @@ def save_params(run_dir: str | Path, cfg: Config, params, step: int = 0) -> Path
     """Write a run directory holding just `params` at `step` (e.g. converted weights)."""
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}),

@@ -35,6 +35,15 @@ def run_cli(*args, devices: int = 1, check: bool = True, **popen):
     return out
 
 
+def run_script(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script of this project (`phijax-tools`, `phijax-experiment`)
+    from the repository root, with one virtual CPU device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([str(Path(sys.executable).parent / name), *map(str, args)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
@@ -57,7 +66,7 @@ def seven_or_eight_run(run: Path) -> Path:
     from phijax.data.tokenizer import Tokenizer, train_tokenizer
     from phijax.model import init_model
     from phijax.weights import save_params
-    from tools import arith
+    from experiments.pts_arith import arith
 
     cfg = ModelConfig(**SEVEN_EIGHT_MODEL)
     texts = [p["question"] + " " + p["solution"] for p in arith.generate("train", 300)]

@@ -1,18 +1,14 @@
-"""tools.arith: the toy arithmetic task (templates split train/held-out, worked solutions the
+"""The toy arithmetic task of the PTS experiment (templates split train/held-out, worked solutions the
 oracle accepts, deterministic files written atomically)."""
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 
-from tools.jsonl import write_jsonl
-
-from conftest import ROOT
-from tools import arith
-from tools.oracles import check, question_error
+from conftest import run_script
+from experiments.pts_arith import arith
+from phijax.eval.questions import check, question_error
+from phijax.files import write_jsonl
 
 
 def _lines(path):
@@ -103,18 +99,18 @@ def test_pts_questions_never_repeat_a_training_question():
 
 def test_cli_writes_atomically_and_prints_counts(tmp_path):
     out = tmp_path / "data"
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "tools.arith", "--out", str(out), "--train", "50",
-           "--heldout", "12", "--pts", "7", "--seed", "2"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    cmd = ["arith-data", "--out", out, "--train", "50", "--heldout", "12", "--pts", "7",
+           "--seed", "2"]
+    res = run_script("phijax-experiment", *cmd)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["train"] == 50
     assert sorted(p.name for p in out.iterdir()) == ["heldout.jsonl", "pts.jsonl", "train.jsonl",
                                                      "valid.jsonl"]
     assert [len(_lines(out / n)) for n in ("train.jsonl", "heldout.jsonl", "pts.jsonl",
                                            "valid.jsonl")] == [50, 12, 7, 0]
-    bad = subprocess.run(cmd[:5] + ["--train", "-1"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--train must be >= 0" in bad.stderr
+    bad = run_script("phijax-experiment", *cmd[:3], "--train", "-1")
+    assert bad.returncode == 2
+    assert bad.stderr == "phijax-experiment: error: --train must be >= 0, got -1\n"
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):

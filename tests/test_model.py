@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from phijax.config import ModelConfig
-from phijax.model import init_model, uses_cudnn
+from phijax.model import empty_caches, init_model, model_from_params, uses_cudnn
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -29,7 +29,13 @@ def test_forward_shapes_and_logical_names(kv_heads, tied):
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata()["out_sharding"]
         assert len(names) == var.ndim, path
-    assert ("lm_head",) not in dict(nnx.to_flat_state(state)) if tied else True
+    flat = dict(nnx.to_flat_state(state))
+    if tied:
+        assert ("lm_head",) not in flat
+        np.testing.assert_allclose(model.output_weights(), flat[("embed",)][...].T)
+    else:
+        assert flat[("lm_head",)].shape == (cfg.hidden_size, cfg.vocab_size)
+        assert not np.allclose(model.output_weights(), flat[("embed",)][...].T)
 
 
 def test_causal_mask_future_tokens_do_not_matter():
@@ -105,3 +111,30 @@ def test_cudnn_attention_falls_back_to_xla_off_gpu():
         assert not uses_cudnn(cudnn)
         np.testing.assert_array_equal(init_model(cudnn, 0)(toks, None, segments),
                                       init_model(xla, 0)(toks, None, segments))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_decode_with_a_cache_equals_the_training_forward(kv_heads):
+    """The KV-cache decode path (a prefill of a left-padded prompt, then one token at a time)
+    gives the training forward's logits at every position."""
+    cfg = dataclasses.replace(CFG, num_key_value_heads=kv_heads)
+    model = init_model(cfg, 0)
+    ids = tokens((2, 12), 5)
+    full = model(ids)  # (2, 12, vocab)
+    pad = 3  # the prompt is the first 5 tokens, left-padded into 8 slots
+    prompt = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), ids[:, :5]], axis=1)
+    positions = jnp.maximum(jnp.arange(8)[None] - pad, 0).repeat(2, 0)
+    caches = empty_caches(cfg, 2, 8 + 7)  # the prompt's 8 slots, then 7 decoded tokens
+    key_start = jnp.full(2, pad, jnp.int32)
+    logits, caches = model.decode(prompt, positions, caches, 0, key_start)
+    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5)
+    for t in range(5, 12):
+        logits, caches = model.decode(ids[:, t:t + 1], jnp.full((2, 1), t), caches, pad + t,
+                                      key_start)
+        np.testing.assert_allclose(logits, full[:, t], atol=1e-5)
+
+
+def test_model_from_params_round_trips_a_pure_dict():
+    model = init_model(CFG, 4)
+    again = model_from_params(CFG, nnx.to_pure_dict(nnx.state(model)))
+    np.testing.assert_array_equal(again(tokens((1, 8))), model(tokens((1, 8))))

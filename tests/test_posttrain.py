@@ -189,13 +189,9 @@ def _logprob(sampler, prompt, completion) -> float:
 
 
 def _next_logits(sampler, ids):
-    from phijax.sampling import _step, empty_caches
-    cfg = sampler.cfg
-    tokens = jnp.asarray([ids], jnp.int32)
-    caches = empty_caches(cfg, 1, len(ids))
-    logits, _ = _step(cfg, sampler.params, sampler.layers, tokens,
-                      jnp.arange(len(ids))[None], caches, 0, jnp.zeros(1, jnp.int32))
-    return logits[0]
+    """The model's logits for the token after `ids`, from a full forward pass."""
+    from phijax.model import model_from_params
+    return model_from_params(sampler.cfg, sampler.params)(jnp.asarray([ids], jnp.int32))[0, -1]
 
 
 @pytest.mark.slow

@@ -3,16 +3,16 @@ planted jumps, the log-prob split, memoized and batched estimates, the p-range f
 re-check, pair choice, and the CLI end to end over a tiny real checkpoint."""
 import json
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
 
-from conftest import ROOT
+from conftest import run_script
+from phijax.config import ConfigError
 from tools import pts
+from tools.cli import main as tools_main
 from tools.pts import PTSConfig, Rollouts, split_point
 
 ANSWER = tuple(range(10, 34))  # a 24-token answer
@@ -200,18 +200,19 @@ def test_no_alternative_token_means_no_pair():
     assert pairs == [] and stats.kept == 1 and stats.no_alternative == 1
 
 
-def test_bad_config_names_the_option():
-    with pytest.raises(ValueError, match=r"^--recheck 10: must be at least --rollouts \(64\)$"):
+def test_bad_config_names_the_setting():
+    with pytest.raises(ConfigError, match=r"^recheck 10: must be at least rollouts \(64\)$"):
         PTSConfig(recheck=10).validate()
-    with pytest.raises(ValueError, match="^--p-max 0.1: must be in"):
+    with pytest.raises(ConfigError, match=r"^p_max 0.1: must be at least p_min \(0.2\)$"):
         PTSConfig(p_max=0.1).validate()
-    with pytest.raises(ValueError, match="^--batch-rows 100: must hold one request"):
-        PTSConfig(batch_rows=100).validate()
+    with pytest.raises(ConfigError, match="^pts.batch_rows 100: must hold one request"):
+        PTSConfig(batch_rows=100).validate("pts.")
+    with pytest.raises(ConfigError, match=r"^p_gap must be in \(0, 1\], got 0$"):
+        PTSConfig(p_gap=0).validate()
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tools.pts", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_script("phijax-tools", "pts", *args)
 
 
 def test_bad_question_line_is_one_line_error_and_no_output(tmp_path):
@@ -219,11 +220,13 @@ def test_bad_question_line_is_one_line_error_and_no_output(tmp_path):
     questions.write_text('{"id": "a", "kind": "math", "prompt": "1+1?", "answer": "2"}\n\n'
                          '{"id": "b", "kind": "math", "prompt": "x?"}\n')
     out = tmp_path / "pairs.jsonl"
-    got = _cli("--model", tmp_path / "no-such-run", "--questions", questions, "--out", out)
+    got = _cli(tmp_path / "no-such-run", questions, "--out", out)
     assert got.returncode == 2 and not out.exists() and not got.stdout
-    assert got.stderr == f"error: {questions}:3: a math question needs a string answer\n"
-    got = _cli("--model", tmp_path, "--questions", questions, "--out", out, "--p-gap", "0")
-    assert got.stderr == "error: --p-gap 0.0: must be in (0, 1]\n" and not out.exists()
+    assert got.stderr == (f"phijax-tools: error: {questions}:3: a math question needs a string "
+                          f"answer\n")
+    got = _cli(tmp_path, questions, "--out", out, "p_gap=0")
+    assert got.stderr == "phijax-tools: error: p_gap must be in (0, 1], got 0.0\n"
+    assert got.returncode == 2 and not out.exists()
 
 
 # ------------------------------------------------------------------ a real tiny checkpoint
@@ -272,9 +275,9 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(run_dir, tmp_path, capsys):
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in questions))
     out = tmp_path / "pairs.jsonl"
-    rc = pts.main([str(a) for a in (
-        "--model", run_dir, "--questions", path, "--out", out, "--rollouts", 32, "--recheck", 64,
-        "--max-new-tokens", 24, "--batch-rows", 256, "--p-min", 0.1, "--p-max", 0.9, "--seed", 2)])
+    rc = tools_main(["pts", str(run_dir), str(path), "--out", str(out), "rollouts=32",
+                     "recheck=64", "max_new_tokens=24", "batch_rows=256", "p_min=0.1",
+                     "p_max=0.9", "seed=2"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads(captured.out)

@@ -6,8 +6,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, SEVEN_EIGHT_MODEL, seven_or_eight_run
-from tools.jsonl import write_jsonl
-from tools.pts_experiment import main
+from experiments.cli import main as experiment_main
+from phijax.files import write_jsonl
+
+
+def main(args):
+    return experiment_main(["pts-arith", *args])
 
 
 def _questions(prefix, answers):
@@ -70,7 +74,7 @@ def test_bad_experiment_keys_are_named(tmp_path, capsys):
     assert main([cfg, "pts.rolouts=3"]) == 2
     assert "unknown key pts.rolouts (did you mean pts.rollouts?)" in capsys.readouterr().err
     assert main([cfg, "pts.recheck=4"]) == 2
-    assert "--recheck 4: must be at least --rollouts" in capsys.readouterr().err
+    assert "pts.recheck 4: must be at least pts.rollouts (32)" in capsys.readouterr().err
     assert main([cfg, "eval.split=test"]) == 2
     assert "eval.split: 'test' is not one of heldout, valid" in capsys.readouterr().err
     assert main([cfg, f"dpo_config={tmp_path / 'none.yaml'}"]) == 2
@@ -78,7 +82,7 @@ def test_bad_experiment_keys_are_named(tmp_path, capsys):
 
 
 def test_lift_and_its_paired_standard_error():
-    from tools.pts_experiment import lift
+    from experiments.pts_arith.run import lift
     before = {"accuracy": 0.5, "rates": [0, 1, 0, 1]}
     after = {"accuracy": 0.5, "rates": [1, 1, 0, 0]}
     diff, err = lift(after, before)  # differences 100, 0, 0, -100 points

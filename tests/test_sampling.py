@@ -128,3 +128,18 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(model):
     limited = Sampler(CFG, nnx.to_pure_dict(nnx.state(model)), vocab_limit=100)
     out = limited.generate([Request([1, 2, 3], n=64, max_new_tokens=16, seed=1)])[0]
     assert max(max(s.tokens) for s in out) < 100
+
+
+def test_generate_from_another_thread_gives_the_same_tokens():
+    """Servers and the judge sample from worker threads: a model shape first compiled there
+    works, and gives the tokens the main thread gets."""
+    import dataclasses
+    import threading
+    cfg = dataclasses.replace(CFG, intermediate_size=96)  # a shape no other test compiled
+    sampler = Sampler(cfg, nnx.to_pure_dict(nnx.state(init_model(cfg, 1))))
+    request = [Request(_prompts()[0], max_new_tokens=6, temperature=1.0, seed=5)]
+    got = []
+    worker = threading.Thread(target=lambda: got.append(sampler.generate(request)))
+    worker.start()
+    worker.join()
+    assert [s.tokens for s in got[0][0]] == [s.tokens for s in sampler.generate(request)[0]]

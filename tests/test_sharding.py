@@ -15,14 +15,24 @@ SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.intermediate_siz
          "optimizer.warmup_steps=2"]
 
 
-def losses(*overrides, steps=5):
+def unequal_weights(batch, step):
+    """Random 0/1 loss weights, dense on even rows and sparse on odd ones: with 2 microbatches
+    (rows 2 apart) the two hold very different token counts, so averaging per-microbatch means
+    instead of summing and dividing once gives a different loss and gradient."""
+    rng = np.random.default_rng(step)
+    keep = np.where(np.arange(8)[:, None] % 2 == 0, 0.9, 0.15)
+    return dict(batch, loss_weights=(rng.random((8, 32)) < keep).astype(np.float32))
+
+
+def losses(*overrides, steps=5, weights=None):
     cfg = load_config(None, SMALL + list(overrides))
     mesh = make_mesh(cfg.mesh, jax.devices()[:int(np.prod(cfg.mesh.shape))])
     trainer = build_trainer(cfg, mesh)
     out = []
     with jax.set_mesh(mesh):
         state = trainer.init()
-        for batch in synthetic_batches(256, 8, 32, 0, 0, steps):
+        for step, batch in enumerate(synthetic_batches(256, 8, 32, 0, 0, steps)):
+            batch = weights(batch, step) if weights else batch
             batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in batch.items()}
             state, metrics = trainer.train_step(state, batch)
             out.append(float(metrics["loss"]))
@@ -50,10 +60,15 @@ def test_meshes_match_single_device(single, mesh):
                                atol=1e-6)
 
 
-def test_microbatches_match_full_batch(single):
-    reference, _ = single
-    accumulated, _ = losses("train.microbatches=2", "mesh.fsdp=4")
+def test_microbatches_match_full_batch_with_unequal_token_counts():
+    reference, ref_state = losses(weights=unequal_weights)
+    accumulated, state = losses("train.microbatches=2", "mesh.fsdp=4", weights=unequal_weights)
     np.testing.assert_allclose(accumulated, reference, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # The check can see a wrong accumulation: the two microbatches' token counts differ a lot.
+    counts = [unequal_weights({}, 0)["loss_weights"][j::2].sum() for j in (0, 1)]
+    assert counts[0] > 3 * counts[1]
 
 
 def test_rule_table_replicates_what_it_cannot_divide():

@@ -1,8 +1,6 @@
 """Make sure a run's tokenizer and token store exist, building them once into a cache."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -11,13 +9,10 @@ from phijax.data.corpus import check_specs, documents
 from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
+from phijax.hashing import digest
 
 log = logging.getLogger("phijax")
 TOKENIZER_VERSION = 2  # bump when training settings change, so caches retrain
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def mixture_for(cfg: DataConfig) -> MixtureConfig:
@@ -41,8 +36,8 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
     else:
         if not corpus:
             raise ValueError("data.tokenizer is unset and no source has a corpus to train one on")
-        key = _key(TOKENIZER_VERSION, corpus, cfg.text_field, cfg.tokenizer_vocab_size,
-                   cfg.tokenizer_multiple)
+        key = digest(TOKENIZER_VERSION, corpus, cfg.text_field, cfg.tokenizer_vocab_size,
+                     cfg.tokenizer_multiple, length=12)
         path = cache / "tokenizers" / f"sp-{key}"
         if not path.with_suffix(".model").is_file():
             log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, corpus)
@@ -55,7 +50,8 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
 
 
 def _cached_store(source: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer, cache: Path):
-    path = cache / "stores" / f"store-{_key(source.corpus, source.glob, cfg.text_field, tokenizer.hash)}"
+    key = digest(source.corpus, source.glob, cfg.text_field, tokenizer.hash, length=12)
+    path = cache / "stores" / f"store-{key}"
     store = TokenStore(build_store(source.corpus, tokenizer, path, cfg.text_field, source.glob))
     if store.manifest["skipped"]:
         log.warning("source %s: skipped records %s, e.g. %s", source.name,

@@ -15,7 +15,6 @@ store is replaced only once the new one is complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -31,6 +30,8 @@ from tqdm import tqdm
 
 from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
 from phijax.data.tokenizer import Tokenizer
+from phijax.files import atomic_open, atomic_write
+from phijax.hashing import digest
 
 log = logging.getLogger("phijax")
 FORMAT = "phijax-store-1"
@@ -98,14 +99,12 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
     mask = np.zeros(0, np.uint8)
     if chats:  # text documents in a store with chats train on every token
         mask = np.concatenate([masks.get(k, np.ones(n, np.uint8)) for k, n in enumerate(lengths)])
-    with open(part + ".npz.tmp", "wb") as f:
+    with atomic_open(part + ".npz") as f:
         np.savez(f, tokens=tokens, lengths=lengths, mask=mask)
-    os.replace(part + ".npz.tmp", part + ".npz")
     summary = {"documents": len(docs), "tokens": int(lengths.sum()), "chats": chats,
                "skipped": {"counts": skipped.counts, "examples": skipped.examples},
                "paths": paths if any(p is not None for p in paths) else None}
-    Path(part + ".json.tmp").write_text(json.dumps(summary))
-    os.replace(part + ".json.tmp", part + ".json")
+    atomic_write(part + ".json", json.dumps(summary))
     return summary
 
 
@@ -114,8 +113,7 @@ def _plan_key(shards: list[Shard], tokenizer: Tokenizer, text_field: str) -> str
     for s in shards:
         stamp.append(s.to_dict())
         stamp.append([(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in s.paths])
-    blob = json.dumps([FORMAT, tokenizer.hash, text_field, stamp], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest(FORMAT, tokenizer.hash, text_field, stamp)
 
 
 def default_workers() -> int:
@@ -140,7 +138,7 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
     if not (work / "plan.json").is_file() or json.loads((work / "plan.json").read_text()) != key:
         shutil.rmtree(work, ignore_errors=True)
         parts.mkdir(parents=True)
-        (work / "plan.json").write_text(json.dumps(key))
+        atomic_write(work / "plan.json", json.dumps(key))
     done = {i for i in range(len(shards)) if (parts / f"{i:06d}.json").is_file()}
     todo = [i for i in range(len(shards)) if i not in done]
     if done:

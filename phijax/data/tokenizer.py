@@ -7,7 +7,6 @@ a multiple of `multiple`. Unused pieces are never produced by encoding.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+from phijax.files import atomic_write
+from phijax.hashing import file_sha256
 
 EOS, IM_START, IM_SEP, IM_END, PAD = ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>",
                                       "<|pad|>")
@@ -74,9 +76,7 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multi
         raise ValueError(f"tokenizer vocabulary size {vocab_size}: "
                          f"{str(e).split('] ')[-1].strip()}") from None
     path = out.with_suffix(".model")
-    tmp = path.with_suffix(".model.tmp")
-    tmp.write_bytes(_pad_model(model.getvalue(), multiple))
-    tmp.replace(path)
+    atomic_write(path, _pad_model(model.getvalue(), multiple))
     return path
 
 
@@ -129,7 +129,7 @@ class Tokenizer:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return file_sha256(self.path)[:16]
 
     def encode(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads)

@@ -27,7 +27,6 @@ Logged per step (and as eval_* on held-out pairs): loss, reward_margin (beta m),
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -42,7 +41,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from phijax.config import Config, ConfigError, DPOConfig
-from phijax.model import init_model
+from phijax.files import atomic_open, read_jsonl
+from phijax.hashing import file_sha256
+from phijax.model import abstract_model
 from phijax.sharding import batch_sharding
 from phijax.train.loop import Task
 from phijax.train.step import BATCH_KEYS, sequence_logprobs
@@ -116,30 +117,12 @@ def load_pairs(path: str | Path, vocab_size: int, seq_len: int) -> Pairs:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dpo.pairs: {path} does not exist")
-    data = path.read_bytes()
-    pairs = Pairs(path, [], [], [], [], hashlib.sha256(data).hexdigest())
-    for number, line in enumerate(data.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: invalid JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{where}: not a JSON object")
-        arrays = []
-        for field in FIELDS:
-            ids = record.get(field)
-            if not isinstance(ids, list) or not ids or \
-                    not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ConfigError(f"{where}: {field} must be a non-empty list of token ids")
-            if min(ids) < 0 or max(ids) >= vocab_size:
-                raise ConfigError(f"{where}: {field} has ids outside [0, {vocab_size})")
-            arrays.append(np.asarray(ids, np.int32))
+    pairs = Pairs(path, [], [], [], [], file_sha256(path))
+    for number, record in read_jsonl(path):
+        arrays = [_token_ids(record, field, vocab_size, f"{path}:{number}") for field in FIELDS]
         longest = arrays[0].size + max(arrays[1].size, arrays[2].size)
         if longest > seq_len + 1:
-            raise ConfigError(f"{where}: prompt + completion is {longest} tokens, over "
+            raise ConfigError(f"{path}:{number}: prompt + completion is {longest} tokens, over "
                               f"data.seq_len + 1 = {seq_len + 1}")
         pairs.ids.append(record.get("id", number))
         pairs.prompt.append(arrays[0])
@@ -148,6 +131,16 @@ def load_pairs(path: str | Path, vocab_size: int, seq_len: int) -> Pairs:
     if not pairs.ids:
         raise ConfigError(f"dpo.pairs: {path} holds no pairs")
     return pairs
+
+
+def _token_ids(record: dict, field: str, vocab_size: int, where: str) -> np.ndarray:
+    ids = record.get(field)
+    if not isinstance(ids, list) or not ids or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ConfigError(f"{where}: {field} must be a non-empty list of token ids")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ConfigError(f"{where}: {field} has ids outside [0, {vocab_size})")
+    return np.asarray(ids, np.int32)
 
 
 def _stack(pairs: Pairs, indices, seq_len: int, weights=None) -> dict:
@@ -176,7 +169,7 @@ def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     log.info("reference log-probs: computing for %d pairs with %s step %d", len(pairs),
              reference, step)
     _, params = load_params(reference, mesh, step)
-    graphdef = nnx.split(nnx.eval_shape(lambda: init_model(cfg.model, 0)))[0]
+    graphdef = nnx.graphdef(abstract_model(cfg.model))
     sharding = batch_sharding(mesh, 2)
     fn = jax.jit(lambda p, b: sequence_logprobs(graphdef, p, b),
                  out_shardings=batch_sharding(mesh, 1))
@@ -200,9 +193,8 @@ def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     del params
     logps = np.concatenate(out).astype(np.float32)
     if pi == 0:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, key=np.array(key), logps=logps)
-        tmp.replace(path)
+        with atomic_open(path) as f:
+            np.savez(f, key=np.array(key), logps=logps)
     return logps
 
 

@@ -20,6 +20,7 @@ from phijax.config import Config, ConfigError, to_dict, validate
 from phijax.data.loader import (PackedDocuments, Windows, batches, split_documents, split_windows,
                                 synthetic_batches)
 from phijax.data.mixture import BlockMixer
+from phijax.files import atomic_write, read_jsonl, write_jsonl
 from phijax.sharding import make_mesh
 from phijax.train.checkpoint import Checkpointer
 from phijax.train.metrics import MetricsWriter, device_peak, flops_per_token
@@ -54,8 +55,7 @@ def _fmt_time(seconds: float) -> str:
 def _trim_metrics(path: Path, last_step: int) -> None:
     """Drop records past the checkpoint we resume from, so steps are never logged twice."""
     if path.exists():
-        kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in kept))
+        write_jsonl(path, [m for _, m in read_jsonl(path) if m["step"] <= last_step])
 
 
 class _StopFlag:
@@ -172,7 +172,7 @@ def train(cfg: Config, make_task: Callable = lm_task) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     if primary:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if task.tokenizer is not None:  # the run directory is all that sampling and serving need
             shutil.copyfile(task.tokenizer, run_dir / "tokenizer.model")
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phijax.config import Config
-from phijax.model import init_model
+from phijax.model import abstract_model, init_model
 from phijax.sharding import batch_sharding, named, param_specs
 from phijax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -114,8 +114,7 @@ class Trainer:
 def build_trainer(cfg: Config, mesh: Mesh, objective=None, batch_dims: dict | None = None) -> Trainer:
     """`objective` defaults to the LM loss; `batch_dims` maps batch keys to their rank (default:
     the LM batch, all (b, s)). Every batch array is split over the data axes on its first dim."""
-    abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.train.seed))
-    graphdef, abstract_vars = nnx.split(abstract_model)
+    graphdef, abstract_vars = nnx.split(abstract_model(cfg.model))
     params_sh = named(param_specs(abstract_vars, mesh), mesh)
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
 

@@ -1,18 +1,16 @@
-"""tools.evaluate: accuracy and standard error over a real (tiny, hand-set) checkpoint, the CLI's
+"""phijax.eval.accuracy and `phijax eval`: accuracy and standard error over a real (tiny, hand-set) checkpoint, the CLI's
 table and JSON line, and one-line errors for bad question records."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, seven_or_eight_run
+from conftest import run_cli, seven_or_eight_run
+from phijax.eval.accuracy import EvalConfig, evaluate, summarize
+from phijax.eval.questions import load_questions
 from phijax.sampling import load_sampler
-from tools.evaluate import evaluate, summarize
-from tools.oracles import load_questions
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -46,26 +44,28 @@ def test_summarize_averages_samples_per_question_then_takes_stderr_over_question
 def test_greedy_accuracy_on_a_controlled_model(loaded):
     sampler, tok = loaded
     qs = _questions(["7", "7", "8", "7", "7", "9"])
-    out = evaluate(sampler, tok, qs, temperature=0.0, max_new_tokens=1, batch=4, details=True)
+    out = evaluate(sampler, tok, qs, EvalConfig(temperature=0.0, max_new_tokens=1, batch=4),
+                   details=True)
     assert [r["completions"] for r in out["results"]] == [["7"]] * 6
     assert [r["correct"] for r in out["results"]] == [1, 1, 0, 1, 1, 0]
     assert out["accuracy"] == pytest.approx(4 / 6) and out["n"] == 6
     assert out["stderr"] == pytest.approx(math.sqrt(4 / 6 * 2 / 6 / 6))
-    assert evaluate(sampler, tok, _questions(["7"] * 4), max_new_tokens=1, batch=4)["accuracy"] == 1.0
-    assert evaluate(sampler, tok, _questions(["5"] * 4), max_new_tokens=1, batch=4)["accuracy"] == 0.0
+    greedy = EvalConfig(max_new_tokens=1, batch=4)
+    assert evaluate(sampler, tok, _questions(["7"] * 4), greedy)["accuracy"] == 1.0
+    assert evaluate(sampler, tok, _questions(["5"] * 4), greedy)["accuracy"] == 0.0
     # prompt_ids are used as given; longer completions are decoded whole ("777")
     ids = tok.encode_prompt([{"role": "user", "content": "Tom has 3 apples."}])
     q = {"id": "ids", "kind": "math", "prompt_ids": ids, "answer": "777"}
-    out = evaluate(sampler, tok, [q] + _questions(["7"] * 3), max_new_tokens=3, batch=4,
-                   details=True)
+    out = evaluate(sampler, tok, [q] + _questions(["7"] * 3),
+                   EvalConfig(max_new_tokens=3, batch=4), details=True)
     assert out["results"][0]["completions"] == ["777"] and out["accuracy"] == 0.25
 
 
 def test_samples_are_averaged_per_question_and_fixed_by_seed_and_id(loaded):
     sampler, tok = loaded
     qs = _questions(["7"] * 16)
-    run = lambda qs, seed, batch: evaluate(sampler, tok, qs, temperature=1.0, samples=2,
-                                           max_new_tokens=1, seed=seed, batch=batch, details=True)
+    run = lambda qs, seed, batch: evaluate(sampler, tok, qs, EvalConfig(
+        temperature=1.0, samples=2, max_new_tokens=1, seed=seed, batch=batch), details=True)
     out = run(qs, 3, 8)
     rates = np.array([r["correct"] / r["samples"] for r in out["results"]])
     assert {c for r in out["results"] for c in r["completions"]} == {"7", "8"}
@@ -79,16 +79,13 @@ def test_samples_are_averaged_per_question_and_fixed_by_seed_and_id(loaded):
 
 
 def _cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "tools.evaluate", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return run_cli("eval", *args, check=False)
 
 
 def test_cli_prints_a_table_and_one_json_line(run_dir, tmp_path):
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in _questions(["7", "7", "7", "8"])))
-    res = _cli("--model", run_dir, "--questions", qfile, "--max-new-tokens", "1",
-               "--results", tmp_path / "r.jsonl")
+    res = _cli(run_dir, "--questions", qfile, "max_new_tokens=1", "--results", tmp_path / "r.jsonl")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("model") and any(l.startswith("accuracy") for l in lines)
@@ -112,7 +109,7 @@ def test_a_bad_record_fails_in_one_line_naming_file_and_line(tmp_path, line, rea
     with pytest.raises(ValueError, match=f"q.jsonl:3: .*{reason}"):
         load_questions(qfile)
     if "already" in reason:  # one CLI run: the model (missing here) is never loaded
-        res = _cli("--model", tmp_path / "no-such-run", "--questions", qfile)
+        res = _cli(tmp_path / "no-such-run", "--questions", qfile)
         assert res.returncode == 2 and res.stdout == ""
         assert res.stderr.strip().count("\n") == 0
         assert f"{qfile}:3: id 'q0' already used at line 1" in res.stderr

@@ -1,10 +1,10 @@
 """The post-training toy experiment: does PTS-DPO beat sequence DPO on held-out questions?
 
-    python -m tools.pts_experiment configs/experiments/pts-arith.yaml [key=value ...]
+    phijax-experiment pts-arith configs/experiments/pts-arith.yaml [key=value ...]
 
 One command runs every stage, each skipped when its output already exists (rerun to resume):
 
-  1. data      `tools.arith` word problems: train chats, held-out and validation questions
+  1. data      `arith` word problems: train chats, held-out and validation questions
                (held-out story templates), PTS questions (train templates, fresh numbers)
                                                                                 -> OUT/data/
   2. base      `phijax train` on the chats from scratch                        -> OUT/base
@@ -27,18 +27,14 @@ JSON line. Overrides are dotted keys of this config (`out=runs/x`, `pts.rollouts
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from phijax.config import ConfigError, from_dict, parse_overrides
+from phijax.config import ConfigError, load, one_of, positive, ranged
 from tools.pts import PTSConfig
 
 log = logging.getLogger("phijax")
@@ -46,20 +42,20 @@ log = logging.getLogger("phijax")
 
 @dataclass
 class TaskConfig:
-    train: int = 20000
-    heldout: int = 1000
-    valid: int = 1000  # held-out-template questions for choosing settings (`eval.split=valid`)
-    pts: int = 1000
+    train: int = ranged(20000, ge=0)
+    heldout: int = ranged(1000, ge=0)
+    valid: int = ranged(1000, ge=0)  # held-out-template questions for choosing settings
+    pts: int = ranged(1000, ge=0)
 
 
 @dataclass
-class EvalConfig:
+class ScoringConfig:
     """Every model is scored twice on the held-out questions: greedy (one answer each) and
     sampled (`samples` answers each at `temperature`, the distribution PTS acts on)."""
-    temperature: float = 1.0
-    samples: int = 4
-    max_new_tokens: int = 64
-    split: str = "heldout"  # or "valid"
+    temperature: float = positive(1.0)
+    samples: int = positive(4)
+    max_new_tokens: int = positive(64)
+    split: str = one_of("heldout", "heldout", "valid")  # valid: for choosing settings
 
 
 @dataclass
@@ -74,27 +70,12 @@ class ExperimentConfig:
     sequence_samples: int = 16  # answers sampled per question to find a correct/incorrect pair
     dpo_config: str = "configs/experiments/arith-dpo.yaml"
     dpo_overrides: list[str] = field(default_factory=list)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ScoringConfig = field(default_factory=ScoringConfig)
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for key, value in parse_overrides(list(overrides)):
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    cfg = from_dict(ExperimentConfig, raw, "")
-    try:
-        cfg.pts.validate()
-    except ValueError as e:
-        raise ConfigError(f"pts: {e}") from None
-    if cfg.eval.split not in SPLITS:
-        raise ConfigError(f"eval.split: {cfg.eval.split!r} is not one of {', '.join(SPLITS)}")
+    cfg = load(ExperimentConfig, path, overrides, what="experiment file")
+    cfg.pts.validate("pts.")
     for name in ("base_config", "dpo_config"):
         if not Path(getattr(cfg, name)).is_file():
             raise ConfigError(f"{name}: {getattr(cfg, name)} does not exist")
@@ -103,10 +84,8 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
 
 # ---------------------------------------------------------------- stages
 
-SPLITS = ("heldout", "valid")  # the questions `eval.split` scores models on
-
 def _data(cfg: ExperimentConfig, out: Path) -> Path:
-    from tools.arith import write_task
+    from experiments.pts_arith.arith import write_task
     data = out / "data"
     if not all((data / f"{n}.jsonl").is_file() for n in ("train", "pts", cfg.eval.split)):
         write_task(data, train=cfg.task.train, heldout=cfg.task.heldout, pts=cfg.task.pts,
@@ -194,10 +173,10 @@ def lift(after: dict, before: dict) -> tuple[float, float | None]:
 
 
 def run(cfg: ExperimentConfig) -> dict:
+    from phijax.eval.questions import load_questions
+    from phijax.files import atomic_write, read_jsonl, write_jsonl
     from phijax.posttrain.dpo import dpo_task
     from phijax.sampling import load_sampler
-    from tools.jsonl import write_jsonl
-    from phijax.eval.questions import load_questions
     from tools.pts import run_pts
 
     out = Path(cfg.out)
@@ -224,7 +203,7 @@ def run(cfg: ExperimentConfig) -> dict:
                 raise RuntimeError(f"PTS found no pairs ({stats.summary()}); see {base}")
             results["pts_search"] = stats.summary()
             write_jsonl(pairs_pts, pairs)
-        pts = [json.loads(l) for l in pairs_pts.read_text().splitlines()]
+        pts = [pair for _, pair in read_jsonl(pairs_pts)]
         first = list(dict.fromkeys(p["question_id"] for p in pts))
         seq = _sequence_pairs(sampler, tokenizer, pts_questions, first, len(pts), cfg)
         write_jsonl(pairs_seq, seq)
@@ -238,10 +217,10 @@ def run(cfg: ExperimentConfig) -> dict:
                           ("pts_dpo", out / "dpo-pts")):
         if name not in results:
             results[name] = _evaluate(run_dir, scored, cfg)
-            results_path.write_text(json.dumps(results, indent=1))
+            atomic_write(results_path, json.dumps(results, indent=1))
     results["pairs"] = counts
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results_path.write_text(json.dumps(results, indent=1))
+    atomic_write(results_path, json.dumps(results, indent=1))
     return results
 
 
@@ -263,35 +242,19 @@ def format_table(results: dict, cfg: ExperimentConfig) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.pts_experiment", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="experiment YAML, e.g. configs/experiments/pts-arith.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x pts.rollouts=16")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = load_experiment(args.config, args.overrides)
-        results = run(cfg)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(results, cfg))
-    print(json.dumps({"split": cfg.eval.split, "questions": results["base"]["greedy"]["n"],
-                      "sampled": {"temperature": cfg.eval.temperature, "samples": cfg.eval.samples},
-                      **{k: {mode: {"accuracy": results[k][mode]["accuracy"],
-                                    "stderr": results[k][mode]["stderr"],
-                                    **({} if k == "base" else dict(zip(
-                                        ("lift_points", "lift_stderr"),
-                                        lift(results[k][mode], results["base"][mode]))))}
-                             for mode in MODES}
-                         for k in ("base", "sequence_dpo", "pts_dpo")},
-                      "pairs": results["pairs"], "seconds": results["seconds"]}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def summary(results: dict, cfg: ExperimentConfig) -> dict:
+    """The experiment's figures as one JSON-able record: accuracy ± stderr per model and mode,
+    and each DPO model's lift over the base."""
+    def model(k: str) -> dict:
+        out = {}
+        for mode in MODES:
+            r = results[k][mode]
+            out[mode] = {"accuracy": r["accuracy"], "stderr": r["stderr"]}
+            if k != "base":
+                out[mode].update(zip(("lift_points", "lift_stderr"),
+                                     lift(r, results["base"][mode])))
+        return out
+    return {"split": cfg.eval.split, "questions": results["base"]["greedy"]["n"],
+            "sampled": {"temperature": cfg.eval.temperature, "samples": cfg.eval.samples},
+            **{k: model(k) for k in ("base", "sequence_dpo", "pts_dpo")},
+            "pairs": results["pairs"], "seconds": results["seconds"]}

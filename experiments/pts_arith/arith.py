@@ -14,11 +14,11 @@ questions), but both draw their steps from the same phrasings (`PERSON_STEPS`, `
 "buys 7 more" is +, "gives 5 to Ann" is -), so the skill transfers while the story frames are
 new. Every intermediate result is non-negative and solutions stay under ~45 tokens.
 
-    python -m tools.arith --out DIR [--train N] [--heldout N] [--valid N] [--pts N] [--seed S]
-                          [--max-number M]
+    phijax-experiment arith-data --out DIR [--train N] [--heldout N] [--valid N] [--pts N]
+                                 [--seed S] [--max-number M]
 
 writes, atomically, `DIR/train.jsonl` (chats `{"id", "messages": [user Q, assistant A]}`),
-`DIR/heldout.jsonl` (questions in the `tools.oracles` format `{"id", "kind": "math", "prompt",
+`DIR/heldout.jsonl` (questions in the `phijax.eval.questions` format `{"id", "kind": "math", "prompt",
 "answer"}` from the held-out templates), `DIR/valid.jsonl` (more questions from the held-out
 templates, none equal to a held-out one: for choosing settings without looking at the held-out
 questions) and `DIR/pts.jsonl` (the same format from the TRAIN templates with fresh numbers, no
@@ -28,14 +28,11 @@ its text is a function of (seed, split, index) alone.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.jsonl import write_jsonl
+from phijax.files import write_jsonl
 
 NAMES = [("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"), ("Ben", "he"),
          ("Lily", "she"), ("Max", "he"), ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"),
@@ -228,33 +225,3 @@ def write_task(out: str | Path, train: int = 20000, heldout: int = 500, pts: int
                 [as_question(p) for p in generate("valid", valid, exclude=heldout_questions, **kw)])
     write_jsonl(out / "pts.jsonl", [as_question(p) for p in generate("pts", pts, exclude=seen, **kw)])
     return {"train": train, "heldout": heldout, "valid": valid, "pts": pts}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.arith", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--train", type=int, default=20000, help="training chats (default 20000)")
-    ap.add_argument("--heldout", type=int, default=500,
-                    help="held-out-template questions (default 500)")
-    ap.add_argument("--valid", type=int, default=0,
-                    help="more held-out-template questions, none a held-out one (default 0)")
-    ap.add_argument("--pts", type=int, default=1000,
-                    help="train-template questions with fresh numbers (default 1000)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-number", type=int, default=MAX_NUMBER,
-                    help=f"largest starting amount or addition (default {MAX_NUMBER})")
-    args = ap.parse_args(argv)
-    for flag in ("train", "heldout", "valid", "pts"):
-        if getattr(args, flag) < 0:
-            ap.error(f"--{flag} must be >= 0")
-    if args.max_number < 4:
-        ap.error("--max-number must be at least 4")
-    counts = write_task(args.out, args.train, args.heldout, args.pts, args.seed, args.max_number,
-                        valid=args.valid)
-    print(json.dumps({"out": str(args.out), **counts, "seed": args.seed,
-                      "max_number": args.max_number}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 import pytest
 
-from tools.oracles import check, question_error
+from phijax.eval.questions import check, question_error
 from tools.sandbox import isolation_mode
 
 
@@ -18,10 +18,18 @@ def test_choice_oracle_compares_letters():
 
 
 @pytest.mark.skipif(isolation_mode() is None, reason="no sandbox isolation on this machine")
-def test_code_oracle_runs_the_tests_in_the_sandbox():
+def test_code_oracle_runs_the_tests_in_the_installed_sandbox():
     q = {"id": "f", "kind": "code", "prompt": "?", "tests": "assert double(4) == 8"}
     assert check(q, "Here:\n```python\ndef double(x):\n    return 2 * x\n```")
     assert not check(q, "```python\ndef double(x):\n    return x\n```")
+
+
+def test_code_answers_go_to_the_given_runner():
+    seen = []
+    q = {"id": "f", "kind": "code", "prompt": "?", "tests": "assert f() == 1"}
+    assert check(q, "```python\ndef f():\n    return 1\n```",
+                 run_code=lambda code, tests: seen.append((code, tests)) or True)
+    assert seen == [("def f():\n    return 1\n", "assert f() == 1")]
 
 
 @pytest.mark.parametrize("q, words", [

@@ -1,10 +1,9 @@
-"""Pivotal Token Search (the Phi-4 report's Algorithm 1): single-token DPO pairs at the tokens of
-sampled answers that swing the probability of success.
+"""Pivotal Token Search, the Phi-4 report's Algorithm 1, over a pluggable estimator of p(success).
 
-    python -m tools.pts --model RUN_DIR --questions Q.jsonl --out PAIRS.jsonl [options]
+    phijax-tools pts RUN_DIR QUESTIONS.jsonl --out PAIRS.jsonl [key=value ...]
 
 For a question Q and a sampled answer T, p(prefix) is the fraction of `rollouts` continuations
-of (Q, prefix), sampled from the model, that the oracle (`tools.oracles.check`) accepts.
+of (Q, prefix), sampled from the model, that the oracle (`phijax.eval.questions.check`) accepts.
 `Subdivide(prefix, T)` returns [T] when |T| <= 1 or |p(prefix) - p(prefix + T)| < p_gap, else
 splits T at its cumulative log-probability midpoint and recurses on both halves; every single
 token t of the result with |p(prefix) - p(prefix + t)| >= p_gap is a candidate pivotal token.
@@ -32,7 +31,7 @@ finished answer: its rollouts are the prefix itself, judged once, and sample not
 continuation of a prefix of k tokens gets max_new_tokens - k new tokens, so every rollout is an
 answer of at most max_new_tokens tokens, like the answers searched.
 
-Seeds: the rollouts of (question, prefix) use a seed hashed from (--seed, question index,
+Seeds: the rollouts of (question, prefix) use a seed hashed from (`seed`, question index,
 prefix, draw), draw 0 for the first estimate and 1 for the top-up, so estimates of different
 prefixes are independent and a run is reproducible.
 
@@ -43,58 +42,50 @@ threshold it passed), "samples_used" (rollouts sampled for that question in all)
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
-from phijax.eval.questions import answer_text, check, load_questions, prompt_ids, question_error
-from phijax.files import write_jsonl
+from phijax.config import ConfigError, check_fields, positive, ranged
 
 Prefix = tuple[int, ...]
 
 
 @dataclass
 class PTSConfig:
-    rollouts: int = 64  # N: rollouts per prefix estimate
-    recheck: int = 256  # rollouts per candidate prefix after the top-up
-    p_gap: float = 0.2
-    p_min: float = 0.2
-    p_max: float = 0.8
-    max_new_tokens: int = 512  # answer length, prefix included
-    temperature: float = 1.0
+    rollouts: int = positive(64)  # N: rollouts per prefix estimate
+    recheck: int = positive(256)  # rollouts per candidate prefix after the top-up
+    p_gap: float = ranged(0.2, gt=0, le=1)
+    p_min: float = ranged(0.2, ge=0, le=1)
+    p_max: float = ranged(0.8, ge=0, le=1)
+    max_new_tokens: int = positive(512)  # answer length, prefix included
+    temperature: float = positive(1.0)  # PTS needs sampled rollouts
     seed: int = 0
-    answers_per_question: int = 1
-    batch_rows: int = 512  # rollouts per sampler call
+    answers_per_question: int = positive(1)
+    batch_rows: int = positive(512)  # rollouts per sampler call
 
-    def validate(self) -> None:
-        """ValueError naming the first bad option."""
-        def bad(name, why):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: {why}")
-        if self.rollouts < 1:
-            bad("rollouts", "must be at least 1")
+    def validate(self, prefix: str = "") -> None:
+        """ConfigError naming the first bad setting (ranges, then the settings that depend on
+        each other)."""
+        check_fields(self, prefix.rstrip("."))
+        key = lambda name: f"{prefix}{name}"
         if self.recheck < self.rollouts:
-            bad("recheck", f"must be at least --rollouts ({self.rollouts})")
-        if not 0 < self.p_gap <= 1:
-            bad("p_gap", "must be in (0, 1]")
-        if not 0 <= self.p_min <= 1:
-            bad("p_min", "must be in [0, 1]")
-        if not self.p_min <= self.p_max <= 1:
-            bad("p_max", f"must be in [--p-min ({self.p_min}), 1]")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be at least 1")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0 (PTS needs sampled rollouts)")
-        if not 1 <= self.answers_per_question <= self.rollouts:
-            bad("answers_per_question", f"must be in [1, --rollouts ({self.rollouts})]")
-        if self.batch_rows < max(self.rollouts, self.recheck - self.rollouts):
-            bad("batch_rows", f"must hold one request: at least "
-                f"{max(self.rollouts, self.recheck - self.rollouts)} (--rollouts and "
-                f"--recheck minus --rollouts)")
+            raise ConfigError(f"{key('recheck')} {self.recheck}: must be at least "
+                              f"{key('rollouts')} ({self.rollouts})")
+        if self.p_max < self.p_min:
+            raise ConfigError(f"{key('p_max')} {self.p_max}: must be at least "
+                              f"{key('p_min')} ({self.p_min})")
+        if self.answers_per_question > self.rollouts:
+            raise ConfigError(f"{key('answers_per_question')} {self.answers_per_question}: "
+                              f"must be at most {key('rollouts')} ({self.rollouts})")
+        need = max(self.rollouts, self.recheck - self.rollouts)
+        if self.batch_rows < need:
+            raise ConfigError(f"{key('batch_rows')} {self.batch_rows}: must hold one request: "
+                              f"at least {need} ({key('rollouts')} and {key('recheck')} minus "
+                              f"{key('rollouts')})")
 
 
 @dataclass(frozen=True)
@@ -368,167 +359,3 @@ def find_pivots(n_questions: int, estimate: Estimate, cfg: PTSConfig, log=None):
     return kept, d, stats
 
 
-def _most_frequent(tokens: list[int], exclude: int) -> int | None:
-    counts = Counter(t for t in tokens if t != exclude)
-    return min(counts, key=lambda t: (-counts[t], t)) if counts else None
-
-
-def pair_tokens(pivot: Pivot, rollouts: Rollouts) -> tuple[int, int] | None:
-    """(chosen, rejected) for a pivotal token from the rollouts at its prefix, or None."""
-    if pivot.p_after > pivot.p_before:
-        other = _most_frequent(rollouts.first(False), pivot.token)
-        return None if other is None else (pivot.token, other)
-    other = _most_frequent(rollouts.first(True), pivot.token)
-    return None if other is None else (other, pivot.token)
-
-
-def pts(questions: list[tuple[str | int, list[int]]], estimate: Estimate, cfg: PTSConfig,
-        log=None) -> tuple[list[dict], Stats]:
-    """DPO pair records for (question id, prompt ids) pairs, with a pluggable estimator."""
-    kept, d, stats = find_pivots(len(questions), estimate, cfg, log)
-    pairs = []
-    for pv in kept:
-        tokens = pair_tokens(pv, d.memo[pv.question, pv.prefix])
-        if tokens is None:
-            stats.no_alternative += 1
-            continue
-        qid, prompt = questions[pv.question]
-        pairs.append({
-            "id": f"{qid}/pts/{pv.answer}/{len(pv.prefix)}",
-            "prompt_ids": list(prompt) + list(pv.prefix),
-            "chosen_ids": [tokens[0]], "rejected_ids": [tokens[1]],
-            "question_id": qid, "prefix_len": len(pv.prefix),
-            "p_before": pv.p_before, "p_after": pv.p_after, "p_gap": cfg.p_gap,
-            "samples_used": d.sampled[pv.question], "kind": "pts"})
-    stats.pairs = len(pairs)
-    return pairs, stats
-
-
-# ------------------------------------------------------------------ the model and the oracle
-
-class SamplerEstimator:
-    """`Estimate` over a `phijax.sampling.Sampler`: rollouts continue prompt + prefix at the
-    config's temperature until a stop token or the answer's max_new_tokens; each answer
-    (prefix + continuation, stop token dropped) is decoded and judged by `tools.oracles.check`
-    (judgements cached by text)."""
-
-    def __init__(self, sampler, tokenizer, questions: list[dict], prompts: list[list[int]],
-                 cfg: PTSConfig):
-        self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
-        self.questions, self.prompts = questions, prompts
-        self.stop_ids = tokenizer.stop_ids
-        self.judged: dict[tuple[int, str], bool] = {}
-
-    def finished(self, prefix: Prefix) -> bool:
-        return len(prefix) >= self.cfg.max_new_tokens or \
-            bool(prefix and prefix[-1] in self.stop_ids)
-
-    def judge(self, q: int, answer: list[int]) -> bool:
-        text = answer_text(answer, self.tokenizer)
-        if (q, text) not in self.judged:
-            self.judged[q, text] = check(self.questions[q], text)
-        return self.judged[q, text]
-
-    def __call__(self, jobs: list[Job]) -> list[Rollouts]:
-        from phijax.sampling import Request
-
-        live = [j for j in jobs if not self.finished(j.prefix)]
-        samples = dict(zip(live, self.sampler.generate([Request(
-            self.prompts[j.question] + list(j.prefix), n=j.n,
-            max_new_tokens=self.cfg.max_new_tokens - len(j.prefix),
-            temperature=self.cfg.temperature, stop_ids=self.stop_ids, seed=j.seed)
-            for j in live]))) if live else {}
-        out = []
-        for j in jobs:
-            if j not in samples:  # a finished answer: nothing to sample
-                ok = self.judge(j.question, list(j.prefix))
-                out.append(Rollouts([ok] * j.n, [[] for _ in range(j.n)], [[] for _ in range(j.n)]))
-                continue
-            got = samples[j]
-            out.append(Rollouts([self.judge(j.question, list(j.prefix) + s.tokens) for s in got],
-                                [s.tokens for s in got], [s.logprobs for s in got]))
-        return out
-
-
-def check_prompts(prompts: list[list[int]], labels: list[str], max_len: int, vocab_size: int,
-                  cfg: PTSConfig) -> None:
-    """ValueError naming the first question whose prompt the model cannot continue."""
-    for ids, label in zip(prompts, labels):
-        if not ids:
-            raise ValueError(f"{label}: the prompt encodes to no tokens")
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise ValueError(f"{label}: prompt_ids outside the model's vocabulary "
-                             f"[0, {vocab_size})")
-        if len(ids) + cfg.max_new_tokens > max_len:
-            raise ValueError(f"{label}: prompt of {len(ids)} tokens + --max-new-tokens "
-                             f"{cfg.max_new_tokens} exceeds the model's context length {max_len}")
-
-
-def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig,
-            log=None) -> tuple[list[dict], Stats]:
-    """PTS pairs for question records (see tools.oracles) with a Sampler and its Tokenizer.
-    Every record and prompt is checked before anything is sampled."""
-    cfg.validate()
-    labels = [f"question {q.get('id') if isinstance(q, dict) else i}"
-              for i, q in enumerate(questions)]
-    for q, label in zip(questions, labels):
-        error = question_error(q)
-        if error:
-            raise ValueError(f"{label}: {error}")
-    prompts = [prompt_ids(q, tokenizer) for q in questions]
-    check_prompts(prompts, labels, sampler.max_len, sampler.cfg.vocab_size, cfg)
-    estimate = SamplerEstimator(sampler, tokenizer, questions, prompts, cfg)
-    return pts([(q["id"], p) for q, p in zip(questions, prompts)], estimate, cfg, log)
-
-
-# ------------------------------------------------------------------ CLI
-
-def _parser() -> argparse.ArgumentParser:
-    d = PTSConfig()
-    ap = argparse.ArgumentParser(prog="python -m tools.pts",
-                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
-    ap.add_argument("--model", required=True, help="run directory (config.yaml, tokenizer.model, "
-                    "checkpoints/)")
-    ap.add_argument("--questions", required=True, help="question JSONL (see tools/oracles.py)")
-    ap.add_argument("--out", required=True, help="pairs JSONL, written atomically")
-    ap.add_argument("--rollouts", type=int, default=d.rollouts, help="rollouts per prefix estimate")
-    ap.add_argument("--recheck", type=int, default=d.recheck,
-                    help="rollouts per candidate prefix after the re-check top-up")
-    ap.add_argument("--p-gap", type=float, default=d.p_gap)
-    ap.add_argument("--p-min", type=float, default=d.p_min,
-                    help="search questions with p_min <= p(success) <= p_max")
-    ap.add_argument("--p-max", type=float, default=d.p_max)
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                    help="answer length, prefix included")
-    ap.add_argument("--temperature", type=float, default=d.temperature)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--answers-per-question", type=int, default=d.answers_per_question)
-    ap.add_argument("--batch-rows", type=int, default=d.batch_rows,
-                    help="rollouts per sampler call")
-    ap.add_argument("--quiet", action="store_true", help="no per-round log lines")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    cfg = PTSConfig(rollouts=args.rollouts, recheck=args.recheck, p_gap=args.p_gap,
-                    p_min=args.p_min, p_max=args.p_max, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, seed=args.seed,
-                    answers_per_question=args.answers_per_question, batch_rows=args.batch_rows)
-    try:
-        cfg.validate()
-        questions = load_questions(args.questions)
-        from phijax.sampling import load_sampler  # JAX only once the inputs are known good
-        sampler, tokenizer = load_sampler(args.model)
-        pairs, stats = run_pts(sampler, tokenizer, questions, cfg,
-                               log=(lambda line: None) if args.quiet else None)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_jsonl(args.out, pairs)
-    print(json.dumps(stats.summary()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
