@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from tools.cli import main as tools_main
 from tools.decontam import Index, common_phrases, decontaminate, ngram_hashes, normalize
 
 GSM = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -105,3 +106,35 @@ def test_save_load_round_trip(index, tmp_path):
              BOILER + " " + filler(20, 21)]
     assert loaded.check_many(texts) == index.check_many(texts)
     assert loaded.info == index.info
+
+
+def test_cli_build_and_filter(index, tmp_path, capsys):
+    evals = tmp_path / "gsm8k.jsonl"
+    evals.write_text(json.dumps({"id": "gsm-1", "question": GSM, "answer": "72"}) + "\n")
+    suite = tmp_path / "suite.npz"
+    assert tools_main(["decontam", "build", str(evals), "--out", str(suite),
+                       "--text-field", "question"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == 1
+    records = [{"id": i, "text": filler(60, 30 + i)} for i in range(5)]
+    records[2]["text"] += " café " + GSM
+    inp = tmp_path / "seeds.jsonl"
+    inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out, removed = tmp_path / "clean.jsonl", tmp_path / "removed.jsonl"
+    assert tools_main(["decontam", "filter", str(inp), "--index", str(suite), "--output", str(out),
+                       "--removed", str(removed)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["seen"], report["kept"], report["removed"]) == (5, 4, 1)
+    assert report["by_benchmark"] == {"gsm8k": 1} and report["examples"][0]["item_id"] == "gsm-1"
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1, 3, 4]
+    (hit,) = [json.loads(line) for line in removed.read_text().splitlines()]
+    assert hit["id"] == 2 and hit["text"] == records[2]["text"]
+    assert hit["decontam"]["benchmark"] == "gsm8k" and hit["decontam"]["kind"] == "13gram"
+
+
+def test_cli_names_the_file_and_line_of_a_bad_eval_record(tmp_path, capsys):
+    evals = tmp_path / "evals.jsonl"
+    evals.write_text(json.dumps({"question": GSM}) + "\n" + json.dumps({"answer": 3}) + "\n")
+    assert tools_main(["decontam", "build", str(evals), "--out", str(tmp_path / "i.npz"),
+                       "--text-field", "question"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"phijax-tools: error: {evals}:2: none of the fields question"

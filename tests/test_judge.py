@@ -8,15 +8,18 @@ import shutil
 import pytest
 from flax import nnx
 
-from phijax.config import Config, ModelConfig
+from phijax.config import Config, ConfigError, ModelConfig, load
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
 from phijax.model import init_model
 from phijax.weights import save_params
 from teacher_server import start_server
 from phijax.sampling import load_sampler
+from tools.cli import main as tools_main
 from tools.judge import (JudgeConfig, Prompt, Sampled, judge_pairs, load_prompts, load_template,
-                         main, parse_verdict, sample_answers)
+                         parse_verdict, sample_answers)
 from tools.teacher import Teacher, TeacherConfig
+
+TEACHER = ["teacher.base_url=http://127.0.0.1:9/v1", "teacher.model=judge-x"]
 
 _FIELD = {k: re.compile(rf"{k}:\n<<<\n(.*?)\n>>>", re.S) for k in ("Request", "Answer A",
                                                                        "Answer B")}
@@ -168,10 +171,10 @@ def test_cli_end_to_end_with_a_tiny_checkpoint(run_dir, tokenizer, tmp_path, cap
         return "Verdict: A" if a > b else "Verdict: B"
 
     with start_server(responder=larger) as srv:
-        rc = main(["--model", str(run_dir), "--prompts", str(prompts), "--out", str(out),
-                   "--teacher-url", srv.url, "--teacher-model", "judge-x", "--api-key-env",
-                   "PHIJAX_TEST_UNSET_KEY", "--max-new-tokens", "12", "--seed", "3",
-                   "--concurrency", "4"])
+        rc = tools_main(["judge", str(run_dir), str(prompts), "--out", str(out),
+                         f"teacher.base_url={srv.url}", "teacher.model=judge-x",
+                         "teacher.api_key_env=PHIJAX_TEST_UNSET_KEY", "teacher.concurrency=4",
+                         "max_new_tokens=12", "seed=3"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     stats = json.loads(captured.out.strip().splitlines()[-1])
@@ -200,7 +203,7 @@ def test_cli_end_to_end_with_a_tiny_checkpoint(run_dir, tokenizer, tmp_path, cap
     sampler, _ = load_sampler(run_dir)
     again = sample_answers(sampler, tokenizer, load_prompts(
         prompts, tokenizer, vocab_size=tokenizer.vocab_size, max_len=128, max_new_tokens=12),
-        JudgeConfig(max_new_tokens=12, seed=3))
+        load(JudgeConfig, overrides=TEACHER + ["max_new_tokens=12", "seed=3"]))
     answers = {s.prompt.id: s.answers for s in again}
     for p in pairs:
         first = p["verdicts"] == ["A", "B"]
@@ -226,11 +229,54 @@ def test_a_bad_prompt_record_fails_before_sampling_or_network(run_dir, tmp_path,
     prompts = _write(tmp_path / "p.jsonl", [{"id": "a", "prompt": "fine"}, bad])
     out = tmp_path / "pairs.jsonl"
     with start_server() as srv:
-        rc = main(["--model", str(run_dir), "--prompts", str(prompts), "--out", str(out),
-                   "--teacher-url", srv.url, "--teacher-model", "judge-x", "--max-new-tokens",
-                   "12"])
+        rc = tools_main(["judge", str(run_dir), str(prompts), "--out", str(out),
+                         f"teacher.base_url={srv.url}", "teacher.model=judge-x",
+                         "max_new_tokens=12"])
         assert srv.stats.snapshot()["requests"] == 0
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert f"{prompts}:2:" in err and why in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["temperature=0"], "temperature must be > 0, got 0.0 (greedy answers are identical, so no "
+                        "pair could form)"),
+    (["top_p=0"], "top_p must be in (0, 1], got 0.0"),
+    (["top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["chunk_size=0"], "chunk_size must be positive, got 0"),
+    (["judge_max_tokens=0"], "judge_max_tokens must be positive, got 0"),
+    (["max_new_tokens=-1"], "max_new_tokens must be positive, got -1"),
+    (["temprature=0.5"], "unknown key temprature (did you mean temperature?)"),
+])
+def test_config_ranges_are_declared_and_checked_on_load(overrides, why):
+    with pytest.raises(ConfigError) as e:
+        load(JudgeConfig, overrides=TEACHER + overrides)
+    assert str(e.value) == why
+    with pytest.raises(ConfigError, match="teacher: required"):
+        load(JudgeConfig, overrides=["temperature=1.0"])
+    cfg = load(JudgeConfig, overrides=TEACHER + ["cache=c.sqlite", "teacher.concurrency=4"])
+    assert cfg.teacher == TeacherConfig(base_url="http://127.0.0.1:9/v1", model="judge-x",
+                                        concurrency=4)
+    assert (cfg.cache, cfg.template, cfg.max_new_tokens, cfg.judge_max_tokens) == \
+        ("c.sqlite", None, 256, None)
+
+
+def test_bad_config_or_template_fails_before_loading_anything(run_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    import phijax.weights
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the run despite a bad config")
+    monkeypatch.setattr(phijax.weights, "load_config", no_loading)
+    prompts = _write(tmp_path / "p.jsonl", [{"id": "a", "prompt": "fine"}])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Which of {answer_a} is better?")
+    out = tmp_path / "pairs.jsonl"
+    for extra, why in ((["temperature=0"], "no pair could form"),
+                       ([f"template={bad}"], "must use {question}"),
+                       ([f"template={tmp_path / 'none.txt'}"], "does not exist")):
+        rc = tools_main(["judge", str(run_dir), str(prompts), "--out", str(out)] + TEACHER + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("phijax-tools: error: ") and why in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -5,8 +5,9 @@ import random
 import numpy as np
 import pytest
 
+from tools.cli import main as tools_main
 from tools.quality import (SCORE_PROMPT, QualityClassifier, QualityConfig, agreement, featurize,
-                           keep, main, parse_score, print_agreement)
+                           keep, parse_score, print_agreement)
 
 GOOD = ("A {n} is defined as a function that maps each input to exactly one output.",
         "For example, if x = {k} then the result equals {k2} because each step doubles it.",
@@ -164,13 +165,31 @@ def test_cli_train_eval_score(tmp_path, capsys):
             label = f"Reasoning...\nScore: {s}" if i % 2 else int(s)
             f.write(json.dumps({"text": t, "score": "no score" if i == 0 else label}) + "\n")
     model = tmp_path / "m.npz"
-    assert main(["train", "--data", str(data), "--out", str(model), "--holdout", "0.2"]) == 0
+    assert tools_main(["quality", "train", "--data", str(data), "--out", str(model),
+                       "--holdout", "0.2"]) == 0
     out = capsys.readouterr()
     assert "held-out: n=120 accuracy=" in out.out and "skipped 1" in out.err
-    assert main(["eval", "--model", str(model), "--data", str(data)]) == 0
+    assert tools_main(["quality", "eval", "--model", str(model), "--data", str(data)]) == 0
     acc = float(capsys.readouterr().out.split("accuracy=")[1].split()[0])
     assert acc >= 0.8
     scored = tmp_path / "scored.jsonl"
-    assert main(["score", "--model", str(model), "--input", str(data), "--output", str(scored)]) == 0
+    assert tools_main(["quality", "score", "--model", str(model), "--input", str(data),
+                       "--output", str(scored)]) == 0
     rows = [json.loads(l) for l in scored.read_text().splitlines()]
     assert len(rows) == 600 and all(0 < r["quality"] < 1 for r in rows)
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"score": 3}', "no field 'text'"),
+    ('{"text": "a document"}', "no field 'score'"),
+    ('{"text": 7, "score": 3}', "field 'text' is not a string"),
+    ('{"text": "a document", "score": 3', "invalid JSON"),
+])
+def test_cli_names_the_file_and_line_of_a_bad_record(tmp_path, capsys, line, why):
+    data = tmp_path / "labelled.jsonl"
+    data.write_text(json.dumps({"text": "fine", "score": 4}) + "\n" + line + "\n")
+    model = tmp_path / "m.npz"
+    assert tools_main(["quality", "train", "--data", str(data), "--out", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phijax-tools: error: {data}:2: ") and why in err, err
+    assert len(err.strip().splitlines()) == 1 and not model.exists()

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # `tools` is a top-level package next to `phijax`
 
 from tools import sandbox  # noqa: E402
 from tools.sandbox import WORKDIR, Limits, SandboxUnavailable, run_python  # noqa: E402
+from tools.sandbox.isolate import UID_BASE  # noqa: E402
 
 needs_isolation = pytest.mark.skipif(
     sandbox.isolation_mode() is None,
@@ -54,9 +55,18 @@ def sandbox_uid_processes() -> list[int]:
                                 if l.startswith("Uid:"))
             except (OSError, StopIteration):
                 continue
-            if int(uid_line.split()[1]) >= sandbox._UID_BASE:
+            if int(uid_line.split()[1]) >= UID_BASE:
                 pids.append(int(p.name))
     return pids
+
+
+def start_sleeper(marker: str, quiet: bool = False) -> str:
+    """Program lines that start a detached grandchild in its own session (so it escapes the
+    process group) sleeping for 10 minutes, with `marker` in its command line."""
+    out = ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL" if quiet else ""
+    return ("import subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-S', '-c', 'import time; time.sleep(600)', "
+            f"{marker!r}], start_new_session=True{out})\n")
 
 
 def wait_until(cond, timeout=5.0) -> bool:
@@ -140,14 +150,7 @@ def test_infinite_loop_hits_the_cpu_limit():
 @needs_isolation
 def test_wall_timeout_kills_the_whole_tree():
     marker = f"sandbox-sleeper-{uuid.uuid4().hex}"
-    code = f"""
-import subprocess, sys, time
-# a detached grandchild in its own session (escapes the process group)
-subprocess.Popen([sys.executable, '-S', '-c', 'import time; time.sleep(600)', {marker!r}],
-                 start_new_session=True)
-print('started', flush=True)
-time.sleep(600)
-"""
+    code = start_sleeper(marker) + "print('started', flush=True)\ntime.sleep(600)\n"
     r = run_python(code, limits=Limits(wall_seconds=1.5))
     assert r.reason == "timeout", r
     assert r.stdout == "started\n"  # output written before the kill is kept
@@ -159,12 +162,7 @@ time.sleep(600)
 @needs_isolation
 def test_background_processes_do_not_outlive_the_run():
     marker = f"sandbox-daemon-{uuid.uuid4().hex}"
-    code = f"""
-import subprocess, sys
-subprocess.Popen([sys.executable, '-S', '-c', 'import time; time.sleep(600)', {marker!r}],
-                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-print('bye')
-"""
+    code = start_sleeper(marker, quiet=True) + "print('bye')\n"
     r = run_python(code)
     assert r.reason == "ok" and r.stdout == "bye\n", r
     assert r.wall_s < 5
@@ -406,3 +404,19 @@ def test_refuses_without_isolation(monkeypatch):
     r = run_python("while True:\n    pass", limits=Limits(cpu_seconds=1),
                    unsafe=True, unsafe_allow_network=True)
     assert r.reason == "cpu_limit", r
+
+
+# ---------------------------------------------------------------------------------------
+# The code oracle
+# ---------------------------------------------------------------------------------------
+
+def test_entry_point_is_the_code_oracle():
+    from importlib.metadata import entry_points
+    (ep,) = [e for e in entry_points(group="phijax.sandbox") if e.name == "python"]
+    assert ep.load() is sandbox.passes
+
+
+@needs_isolation
+def test_passes_runs_code_then_tests():
+    assert sandbox.passes("def f(x):\n    return 2 * x", "assert f(3) == 6")
+    assert not sandbox.passes("def f(x):\n    return 2 * x", "assert f(3) == 7")

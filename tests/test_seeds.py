@@ -1,9 +1,13 @@
 """tools.seeds: chunking, code units, forum questions, exact + near-duplicate removal."""
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from tools.cli import main as tools_main
 from tools.seeds import (chunk_document, code_units, count_words, dedup, forum_questions,
                          normalise_text)
 
@@ -209,3 +213,69 @@ def test_long_table_split_at_line_breaks_keeps_rows_whole():
     assert len(chunks) > 1 and all(count_words(c) <= 30 for c in chunks)
     body_lines = [l for c in chunks for l in c.split("\n\n", 1)[1].split("\n")]
     assert body_lines == rows
+
+
+def _jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_cli_chunk_and_dedup_print_their_reports(tmp_path, capsys):
+    long = "# Title\n\n" + "\n\n".join(" ".join(f"w{p}_{i}." for i in range(12))
+                                       for p in range(6))
+    inp = _jsonl(tmp_path / "in.jsonl", [{"id": "doc", "text": long, "source": "web"},
+                                         {"text": "short"}, {"id": "none", "text": None}])
+    out = tmp_path / "chunks.jsonl"
+    assert tools_main(["seeds", "chunk", inp, str(out), "--max-tokens", "30"]) == 0
+    expected = chunk_document(long, max_tokens=30)
+    rows = _read(out)
+    assert [r["id"] for r in rows] == [f"doc/chunk/{i}" for i in range(len(expected))] + \
+        ["1/chunk/0"]  # no id: the record's index
+    assert [r["text"] for r in rows[:-1]] == expected
+    assert rows[0]["source"] == "web" and rows[0]["source_id"] == "doc" and \
+        [r["chunk_index"] for r in rows[:-1]] == list(range(len(expected)))
+    assert json.loads(capsys.readouterr().out) == {"records": 3, "chunks": len(expected) + 1}
+
+    text = "the quick brown fox jumps over the lazy dog " * 5
+    inp = _jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": text}, {"id": 2, "text": text.upper()},
+                                        {"id": 3, "text": "something else entirely here"}])
+    assert tools_main(["seeds", "dedup", inp, str(tmp_path / "dd.jsonl")]) == 0
+    assert [r["id"] for r in _read(tmp_path / "dd.jsonl")] == [1, 3]
+    assert json.loads(capsys.readouterr().out) == {"total": 3, "kept": 2, "exact_duplicates": 1,
+                                                   "near_duplicates": 0}
+
+
+def test_console_script_cuts_code_units(tmp_path):
+    src = "def f():\n    return 1\n\n\nclass C:\n    pass\n"
+    inp = _jsonl(tmp_path / "code.jsonl", [{"path": "m.py", "text": src}, {"text": "x = 1\n"}])
+    out = tmp_path / "units.jsonl"
+    r = subprocess.run([str(Path(sys.executable).parent / "phijax-tools"), "seeds", "code", inp,
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"files": 2, "units": 3}
+    units = _read(out)
+    assert [(u["name"], u["kind"]) for u in units] == [("f", "function"), ("C", "class"),
+                                                       ("unknown:1-1", "block")]
+    assert set(units[0]) == {"id", "text", "path", "language", "kind", "name", "start_line",
+                             "end_line"}  # `CodeUnit.to_record()`
+    assert not list(tmp_path.glob(".*.tmp*"))  # written atomically
+
+
+@pytest.mark.parametrize("cmd, line, why", [
+    ("chunk", '{"id": 1, "body": "x"}', "no field 'text'"),
+    ("dedup", '{"id": 1, "text": null}', "field 'text' is not a string"),
+    ("code", '{"path": "m.py", "text": 3}', "field 'text' is not a string"),
+    ("dedup", '{"id": 1, "text": "x"', "invalid JSON"),
+])
+def test_cli_names_the_file_and_line_of_a_bad_record(tmp_path, capsys, cmd, line, why):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 0, "text": "fine"}\n\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert tools_main(["seeds", cmd, str(inp), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phijax-tools: error: {inp}:3: ") and why in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -135,15 +135,19 @@ def _add_judge(sub) -> None:
 
 # ---------------------------------------------------------------- seeds, decontam, quality
 
-def _seeds(args) -> int:
-    from tools import seeds
-    print(json.dumps(seeds.run_command(args)))
+def _print_report(report: dict) -> int:
+    print(json.dumps(report))
     return 0
 
 
+def _seeds(args) -> int:
+    from tools.seeds import run_command
+    return _print_report(run_command(args))
+
+
 def _add_seeds(sub) -> None:
-    p = sub.add_parser("seeds", help="seed records: chunk documents, cut code, deduplicate")
-    cmds = p.add_subparsers(dest="cmd", required=True)
+    cmds = sub.add_parser("seeds", help="seed records: chunk documents, cut code, deduplicate"
+                          ).add_subparsers(dest="cmd", required=True)
     for name, help_ in (("chunk", "split each record's text into chunks within a token budget"),
                         ("code", "cut source files into functions and classes"),
                         ("dedup", "drop exact and near-duplicate records (MinHash)")):
@@ -165,14 +169,13 @@ def _add_seeds(sub) -> None:
 
 
 def _decontam(args) -> int:
-    from tools import decontam
-    print(json.dumps(decontam.run_command(args)))
-    return 0
+    from tools.decontam import run_command
+    return _print_report(run_command(args))
 
 
 def _add_decontam(sub) -> None:
-    p = sub.add_parser("decontam", help="13-gram / 7-gram decontamination against eval sets")
-    cmds = p.add_subparsers(dest="cmd", required=True)
+    cmds = sub.add_parser("decontam", help="13-gram / 7-gram decontamination against eval sets"
+                          ).add_subparsers(dest="cmd", required=True)
     b = cmds.add_parser("build", help="index eval JSONL files")
     b.add_argument("evals", nargs="+")
     b.add_argument("--out", required=True, help="index file (.npz)")
@@ -191,13 +194,13 @@ def _add_decontam(sub) -> None:
 
 
 def _quality(args) -> int:
-    from tools import quality
-    return quality.run_command(args)
+    from tools.quality import run_command
+    return run_command(args)
 
 
 def _add_quality(sub) -> None:
-    p = sub.add_parser("quality", help="quality classifier on teacher labels: train | eval | score")
-    cmds = p.add_subparsers(dest="cmd", required=True)
+    cmds = sub.add_parser("quality", help="quality classifier on teacher labels: train | eval | "
+                          "score").add_subparsers(dest="cmd", required=True)
     t = cmds.add_parser("train", help="fit on labelled JSONL (text, score 0-5)")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="model file (.npz)")

@@ -1,4 +1,4 @@
-"""Decontamination against evaluation sets: 13-gram hits plus a 7-gram overlap ratio (Phi-4 §1).
+"""Decontamination against evaluation sets: 13-gram hits plus a 7-gram overlap ratio.
 
 Text is normalised the same way on both sides: Unicode NFKC, lowercase, punctuation (and `_`)
 stripped, whitespace collapsed, word tokens. N-grams of tokens are hashed to 64 bits with pure
@@ -27,19 +27,19 @@ records in vectorised batches (`Index.check_many`; `decontaminate` batches for y
 
     index = Index.build(["evals/gsm8k.jsonl", "evals/mmlu.jsonl"], text_field=("question", "choices"))
     index.save("evals/suite.npz")
-    clean, report = decontaminate(read_jsonl("seeds.jsonl"), Index.load("evals/suite.npz"), "text")
+    records = (rec for _, rec in read_jsonl("seeds.jsonl"))     # phijax.files.read_jsonl
+    clean, report = decontaminate(records, Index.load("evals/suite.npz"), "text")
     for record in clean: ...                  # report is final once `clean` is exhausted
     print(report.as_dict())
 
-Command line: `python -m tools.decontam build|filter ...` (see `--help`).
+Command line: `phijax-tools decontam build|filter ...` (see `run_command`).
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import re
-import sys
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -47,8 +47,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from phijax.files import atomic_open, jsonl_line, read_jsonl, write_jsonl
+from phijax.hashing import mix64
+
 _TOKEN = re.compile(r"[^\W_]+")
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _P_BYTE, _P_TOK, _LEN_SALT = np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93)
 _POW = np.ones(1, np.uint64)  # _P_BYTE ** i (mod 2**64), grown on demand
 
@@ -66,15 +68,6 @@ def _normalized_bytes(text: str) -> list[bytes]:
     if text.isascii():
         return text.lower().encode().translate(_ASCII_PUNCT).split()
     return [t.encode() for t in normalize(text)]
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
 
 
 def _powers(n: int) -> np.ndarray:
@@ -99,7 +92,7 @@ def _token_hashes(token_lists: Sequence[list[bytes]]) -> tuple[np.ndarray, np.nd
     contrib = (data.astype(np.uint64) + np.uint64(1)) * _powers(int(lengths.max()) + 1)[local]
     contrib[space] = 0
     h = np.add.reduceat(contrib, starts) ^ (lengths.astype(np.uint64) * _LEN_SALT)
-    return _mix(h), np.repeat(np.arange(len(token_lists)), counts)
+    return mix64(h), np.repeat(np.arange(len(token_lists)), counts)
 
 
 def _ngrams(tok: np.ndarray, rec: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +104,7 @@ def _ngrams(tok: np.ndarray, rec: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
     for i in range(1, n):
         g = g * _P_TOK + tok[i:i + m]
     ok = rec[:m] == rec[n - 1:]
-    return _mix(g[ok]), rec[:m][ok]
+    return mix64(g[ok]), rec[:m][ok]
 
 
 def ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,16 +200,6 @@ class _Postings:
         return best_item, best_score
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
-
-
 def _field_text(rec: dict, fields: Sequence[str]) -> str:
     parts = []
     for f in fields:
@@ -252,11 +235,12 @@ class Index:
 
         def records():
             for path in eval_files:
-                for i, rec in enumerate(read_jsonl(path)):
+                for i, (lineno, rec) in enumerate(read_jsonl(path)):
                     bench = str(rec.get(benchmark_field) or Path(path).stem)
                     text = _field_text(rec, fields)
                     if not text:
-                        raise ValueError(f"{path}: record {i} has none of the fields {fields}")
+                        raise ValueError(f"{path}:{lineno}: none of the fields "
+                                         f"{', '.join(fields)}")
                     yield bench, str(rec.get(id_field, f"{bench}:{i}")), text
         return cls.from_records(records(), whitelist, **kw)
 
@@ -304,7 +288,7 @@ class Index:
                 "min_7gram_matches": self.min_7gram_matches, "info": self.info}
         arrays = {f"{name}_{k}": getattr(p, k) for name, p in (("p13", self.p13), ("p7", self.p7))
                   for k in ("keys", "offsets", "items", "per_item")}
-        with open(path, "wb") as f:  # a file object: numpy must not append ".npz" to the name
+        with atomic_open(path) as f:  # a file object: numpy must not append ".npz" to the name
             np.savez_compressed(f, item_bench=self.item_bench, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
@@ -368,43 +352,39 @@ def decontaminate(records: Iterable[dict], index: Index, text_field: str = "text
     return run(), report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.decontam", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="index eval JSONL files")
-    b.add_argument("evals", nargs="+")
-    b.add_argument("--out", required=True, help="index file (.npz)")
-    b.add_argument("--text-field", action="append", help="repeatable; default: text")
-    b.add_argument("--whitelist", help="text file, one common phrase per line")
-    b.add_argument("--max-items-per-ngram", type=int, default=10)
-    b.add_argument("--threshold", type=float, default=0.5)
-    f = sub.add_parser("filter", help="drop contaminated records from a JSONL file")
-    f.add_argument("input")
-    f.add_argument("--index", required=True)
-    f.add_argument("--output", required=True)
-    f.add_argument("--removed", help="also write removed records (with their hit) here")
-    f.add_argument("--text-field", default="text")
-    args = ap.parse_args(argv)
-    if args.command == "build":
-        wl = Path(args.whitelist).read_text().splitlines() if args.whitelist else None
-        index = Index.build(args.evals, wl, text_field=args.text_field or "text",
-                            max_items_per_ngram=args.max_items_per_ngram, threshold=args.threshold)
-        index.save(args.out)
-        print(json.dumps(index.info))
-        return 0
+def _build(args) -> dict:
+    wl = Path(args.whitelist).read_text().splitlines() if args.whitelist else None
+    index = Index.build(args.evals, wl, text_field=args.text_field or "text",
+                        max_items_per_ngram=args.max_items_per_ngram, threshold=args.threshold)
+    index.save(args.out)
+    return index.info
+
+
+def _filter(args) -> dict:
     index = Index.load(args.index)
-    removed = open(args.removed, "w", encoding="utf-8") if args.removed else None
-    on_hit = (lambda r, h: removed.write(json.dumps({**r, "decontam": dataclasses.asdict(h)}) + "\n")) \
-        if removed else None
-    clean, report = decontaminate(read_jsonl(args.input), index, args.text_field, on_hit=on_hit)
-    with open(args.output, "w", encoding="utf-8") as out:
-        for rec in clean:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    if removed:
-        removed.close()
-    print(json.dumps(report.as_dict()))
-    return 0
+    records = (rec for _, rec in read_jsonl(args.input))
+    side = atomic_open(args.removed, "w") if args.removed else contextlib.nullcontext()
+    with side as removed:
+        def on_hit(rec: dict, hit: Hit) -> None:
+            removed.write(jsonl_line({**rec, "decontam": dataclasses.asdict(hit)}))
+        clean, report = decontaminate(records, index, args.text_field,
+                                      on_hit=on_hit if removed else None)
+        write_jsonl(args.output, clean)
+    return report.as_dict()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_command(args) -> dict:
+    """`phijax-tools decontam build|filter`: the report.
+
+    * build (`EVALS...`, `--out`, `--text-field` (repeatable), `--whitelist` (a text file, one
+      phrase per line), `--max-items-per-ngram`, `--threshold`): index the eval JSONL files and
+      save the index; the report is `Index.info`.
+    * filter (`INPUT`, `--index`, `--output`, `--removed`, `--text-field`): write the records of
+      INPUT that do not hit the index to `--output` (and the removed ones, each with its hit
+      under `decontam`, to `--removed`); the report is `Report.as_dict()`.
+    """
+    if args.cmd == "build":
+        return _build(args)
+    if args.cmd == "filter":
+        return _filter(args)
+    raise ValueError(f"unknown decontam command {args.cmd!r}")

@@ -30,17 +30,16 @@ Saved models are a single `.npz` (no pickle): the non-zero weights (indices + va
 intercept and a JSON config; `QualityClassifier.load` reads them back with
 `allow_pickle=False`, and scores are bit-identical.
 
-CLI::
+Command line::
 
-    python -m tools.quality train  --data labelled.jsonl --out model.npz [--holdout 0.1]
-    python -m tools.quality eval   --model model.npz --data labelled.jsonl
-    python -m tools.quality score  --model model.npz --input docs.jsonl --output scored.jsonl
+    phijax-tools quality train  --data labelled.jsonl --out model.npz [--holdout 0.1]
+    phijax-tools quality eval   --model model.npz --data labelled.jsonl
+    phijax-tools quality score  --model model.npz --input docs.jsonl --output scored.jsonl
 
 JSONL fields default to `text` and `score` (`--text-field`, `--label-field`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -52,10 +51,11 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.murmurhash import murmurhash3_32
 
-from tools import jsonl
+from phijax.files import atomic_open, read_jsonl, write_jsonl
+from phijax.hashing import mix64
 
 __all__ = ["SCORE_PROMPT", "parse_score", "QualityConfig", "QualityClassifier", "featurize",
-           "keep", "agreement", "print_agreement", "main"]
+           "keep", "agreement", "print_agreement", "run_command"]
 
 # The teacher prompt lives in tools/templates/quality_score.txt (one source of truth: the
 # `quality_label` stage in tools.stages renders the same file).
@@ -81,8 +81,7 @@ def parse_score(reply: str | None) -> int | None:
 # ----------------------------------------------------------------------------- features
 
 _TOKEN = re.compile(r"\w\w+")  # == sklearn's (?u)\b\w\w+\b: a run of >= 2 word chars
-_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), \
-    np.uint64(0x9E3779B97F4A7C15)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
 class _HashMemo(dict):
@@ -106,12 +105,9 @@ def _unigram_columns(h: np.ndarray, n_features: int) -> np.ndarray:
 
 
 def _bigram_columns(a: np.ndarray, b: np.ndarray, n_features: int) -> np.ndarray:
-    x = (a.astype(np.uint64) & np.uint64(0xFFFFFFFF)) * _GOLD + (b.astype(np.uint64) & np.uint64(0xFFFFFFFF))
-    x ^= x >> np.uint64(30)
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
+    """The column of each bigram: its two 32-bit unigram hashes combined, then mixed."""
+    low = np.uint64(0xFFFFFFFF)
+    x = mix64((a.astype(np.uint64) & low) * _GOLD + (b.astype(np.uint64) & low))
     return (x % np.uint64(n_features)).astype(np.int64)
 
 
@@ -212,7 +208,7 @@ class QualityClassifier:
     def save(self, path) -> Path:
         path = Path(path)
         nz = np.flatnonzero(self.coef).astype(np.int64)
-        with open(path, "wb") as f:  # np.savez on a file object: no ".npz" appended
+        with atomic_open(path) as f:  # np.savez on a file object: no ".npz" appended
             np.savez(f, indices=nz, values=self.coef[nz], intercept=np.float64(self.intercept),
                      config=np.array(json.dumps(asdict(self.config))))
         return path
@@ -264,61 +260,46 @@ def print_agreement(stats: dict, name: str = "held-out", file=None) -> None:
           f"teacher={stats['keep_rate_teacher']:.3f}", file=file or sys.stdout)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command line
 
-def _read_jsonl(path, text_field: str, label_field: str | None):
-    texts, labels = [], []
-    try:
-        for lineno, rec in jsonl.records(path):
-            if text_field not in rec or (label_field is not None and label_field not in rec):
-                raise SystemExit(f"{path}:{lineno}: bad record (no field "
-                                 f"{text_field if text_field not in rec else label_field!r})")
-            texts.append(rec[text_field])
-            if label_field is not None:
-                labels.append(rec[label_field])
-    except ValueError as e:
-        raise SystemExit(f"bad record: {e}") from None
-    return texts, labels
+def _read_records(path, text_field: str, label_field: str | None = None) -> list[dict]:
+    """The records of a JSONL file; ValueError naming `file:line` for a record without one of
+    the fields or with a text that is not a string."""
+    records = []
+    for lineno, rec in read_jsonl(path):
+        for name in (text_field, label_field):
+            if name is not None and name not in rec:
+                raise ValueError(f"{path}:{lineno}: bad record (no field {name!r})")
+        if not isinstance(rec[text_field], str):
+            raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        records.append(rec)
+    return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.quality", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("train", "eval", "score"):
-        p = sub.add_parser(name)
-        p.add_argument("--text-field", default="text")
-        if name != "score":
-            p.add_argument("--data", required=True, help="JSONL with text + teacher score")
-            p.add_argument("--label-field", default="score")
-        if name != "train":
-            p.add_argument("--model", required=True)
-    sub.choices["train"].add_argument("--out", required=True)
-    sub.choices["train"].add_argument("--holdout", type=float, default=0.1)
-    sub.choices["train"].add_argument("--seed", type=int, default=0)
-    sub.choices["score"].add_argument("--input", required=True)
-    sub.choices["score"].add_argument("--output", required=True)
-    args = ap.parse_args(argv)
+def _score(args) -> int:
+    clf = QualityClassifier.load(args.model)
+    records = _read_records(args.input, args.text_field)
+    scores = clf.score([r[args.text_field] for r in records])
+    write_jsonl(args.output, ({**r, "quality": round(float(s), 6)}
+                              for r, s in zip(records, scores)))
+    print(f"scored {len(records)} documents -> {args.output}")
+    return 0
 
-    if args.command == "score":
-        clf = QualityClassifier.load(args.model)
-        with open(args.input, encoding="utf-8") as f:
-            records = [json.loads(l) for l in f if l.strip()]
-        scores = clf.score([r[args.text_field] for r in records])
-        with open(args.output, "w", encoding="utf-8") as f:
-            for r, s in zip(records, scores):
-                f.write(json.dumps({**r, "quality": round(float(s), 6)}, ensure_ascii=False) + "\n")
-        print(f"scored {len(records)} documents -> {args.output}")
-        return 0
-    texts, raw = _read_jsonl(args.data, args.text_field, args.label_field)
-    raw = [parse_score(v) if isinstance(v, str) else v for v in raw]  # raw teacher replies ok
-    texts = [t for t, v in zip(texts, raw) if v is not None]
+
+def _labelled(args) -> tuple[list[str], np.ndarray]:
+    """The texts with a score of `args.data` and their scores; raw teacher replies are parsed,
+    records whose score is missing or unparsable are skipped (and counted on stderr)."""
+    records = _read_records(args.data, args.text_field, args.label_field)
+    raw = [r[args.label_field] for r in records]
+    raw = [parse_score(v) if isinstance(v, str) else v for v in raw]
+    texts = [r[args.text_field] for r, v in zip(records, raw) if v is not None]
     labels = np.array([v for v in raw if v is not None])
     if len(labels) < len(raw):
         print(f"skipped {len(raw) - len(labels)} records without a score", file=sys.stderr)
-    if args.command == "eval":
-        clf = QualityClassifier.load(args.model)
-        print_agreement(agreement(clf.score(texts), labels, label_threshold=clf.config.label_threshold))
-        return 0
+    return texts, labels
+
+
+def _train(args, texts: list[str], labels: np.ndarray) -> int:
     order = np.random.default_rng(args.seed).permutation(len(texts))
     n_hold = int(round(len(texts) * args.holdout))
     hold, fit = order[:n_hold], order[n_hold:]
@@ -330,5 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_command(args) -> int:
+    """`phijax-tools quality train|eval|score`: prints its report lines, returns the exit code.
+
+    * train (`--data`, `--out`, `--holdout`, `--seed`): fit on the labelled records except a
+      seeded held-out share, save the model, print the held-out agreement.
+    * eval (`--model`, `--data`): the agreement of a saved model with the labels.
+    * score (`--model`, `--input`, `--output`): each record with its P(high quality) as its
+      `quality` field (rounded to 6 digits), written atomically.
+    """
+    if args.cmd == "score":
+        return _score(args)
+    if args.cmd not in ("train", "eval"):
+        raise ValueError(f"unknown quality command {args.cmd!r}")
+    texts, labels = _labelled(args)
+    if args.cmd == "train":
+        return _train(args, texts, labels)
+    clf = QualityClassifier.load(args.model)
+    print_agreement(agreement(clf.score(texts), labels,
+                              label_threshold=clf.config.label_threshold))
+    return 0

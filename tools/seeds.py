@@ -7,11 +7,11 @@
 * `dedup(records)` -- exact (normalised-text hash) and near-duplicate (MinHash LSH) removal,
   keeping the first occurrence.
 
-CLI (seed extraction on its own, JSONL in and out; see `main`)::
+Command line (seed extraction on its own, JSONL in and out; see `run_command`)::
 
-    python -m tools.seeds chunk IN.jsonl OUT.jsonl [--field text] [--max-tokens 512]
-    python -m tools.seeds code  IN.jsonl OUT.jsonl [--source-field text] [--path-field path]
-    python -m tools.seeds dedup IN.jsonl OUT.jsonl [--field text] [--threshold 0.8]
+    phijax-tools seeds chunk IN.jsonl OUT.jsonl [--field text] [--max-tokens 512]
+    phijax-tools seeds code  IN.jsonl OUT.jsonl [--source-field text] [--path-field path]
+    phijax-tools seeds dedup IN.jsonl OUT.jsonl [--field text] [--threshold 0.8]
 
 Chunking rule (`chunk_document`):
 
@@ -35,18 +35,17 @@ Chunking rule (`chunk_document`):
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
-from tools import jsonl
+from phijax.files import read_jsonl, write_jsonl
+from phijax.hashing import sha256_hex
 
 __all__ = ["chunk_document", "count_words", "CodeUnit", "code_units", "language_of",
-           "forum_questions", "normalise_text", "DedupReport", "dedup", "main"]
+           "forum_questions", "normalise_text", "DedupReport", "dedup", "run_command"]
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -288,8 +287,10 @@ def code_units(source: str, path: str, max_tokens: int = 512,
 # ----------------------------------------------------------------------------- forum questions
 
 def _field(record: dict, dotted: str) -> Any:
+    """The value at a dotted path (`a.b`, `answers.0.text`) of a record; None if absent."""
+    from tools.pipeline import lookup
     try:
-        return jsonl.lookup(record, dotted)
+        return lookup(record, dotted)
     except KeyError:
         return None
 
@@ -305,7 +306,7 @@ def forum_questions(jsonl_path, question_field: str = "question",
     not JSON raises ValueError naming file and line."""
     path = Path(jsonl_path)
     out = []
-    for lineno, rec in jsonl.records(path):
+    for lineno, rec in read_jsonl(path):
         q = _field(rec, question_field)
         if not isinstance(q, str) or not q.strip():
             continue
@@ -353,7 +354,7 @@ def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
           verify: bool = True) -> tuple[list, DedupReport]:
     """Drop exact and near duplicates, keeping the first occurrence (input order).
 
-    `records` are strings or dicts (text under `text_key`). Exact: SHA-1 of `normalise_text`.
+    `records` are strings or dicts (text under `text_key`). Exact: SHA-256 of `normalise_text`.
     Near: MinHash (`num_perm`, `seed`) of word `shingle`-grams of the normalised text, queried
     against a `MinHashLSH(threshold)` of the records kept so far; with `verify`, a candidate
     counts only if its estimated Jaccard with a kept record is >= `threshold` (LSH alone has
@@ -362,13 +363,13 @@ def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
     (dropped index, index of the kept record it duplicates, "exact" | "near")."""
     from datasketch import MinHash, MinHashLSH
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    exact: dict[bytes, int] = {}
+    exact: dict[str, int] = {}
     hashes: dict[str, MinHash] = {}
     kept, report = [], DedupReport()
     for i, rec in enumerate(records):
         report.total += 1
         text = rec if isinstance(rec, str) else rec[text_key]
-        digest = hashlib.sha1(normalise_text(text).encode()).digest()
+        digest = sha256_hex(normalise_text(text))
         if digest in exact:
             report.exact_duplicates += 1
             report.pairs.append((i, exact[digest], "exact"))
@@ -391,80 +392,63 @@ def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
     return kept, report
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command line
 
-def _read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _records(path, text_field: str, nullable: bool = True) -> list[dict]:
+    """The records of JSONL file `path`; ValueError naming `file:line` for a record whose
+    `text_field` is missing or not a string (null allowed when `nullable`: no text)."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        if text_field not in rec:
+            raise ValueError(f"{path}:{lineno}: no field {text_field!r}")
+        if not isinstance(rec[text_field], str) and not (nullable and rec[text_field] is None):
+            raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        out.append(rec)
+    return out
 
 
-def _write_jsonl(path, records: Iterable[dict]) -> int:
-    n = 0
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+def _chunk(records: list[dict], field: str, id_field: str, max_tokens: int) -> list[dict]:
+    out = []
+    for n, rec in enumerate(records):
+        rid = rec.get(id_field, n)
+        for i, chunk in enumerate(chunk_document(rec[field] or "", max_tokens=max_tokens)):
+            out.append(dict(rec, **{id_field: f"{rid}/chunk/{i}", field: chunk},
+                            source_id=rid, chunk_index=i))
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tools.seeds chunk|code|dedup IN.jsonl OUT.jsonl [options]`.
+def run_command(args) -> dict:
+    """`phijax-tools seeds chunk|code|dedup IN.jsonl OUT.jsonl [options]`: the report.
 
     * chunk: each record's `--field` (default text) split by `chunk_document` (`--max-tokens`,
       words); one record per chunk, other fields kept, id `<id>/chunk/<i>` (`--id-field`,
-      default id; the line number when absent), plus `source_id` and `chunk_index`.
+      default id; the record's index when absent), plus `source_id` and `chunk_index`.
+      Report: records, chunks.
     * code: records with a source file (`--source-field`, default text) and its `--path-field`
-      (default path) -> one `CodeUnit.to_record()` per unit.
+      (default path; "unknown" when absent) -> one `CodeUnit.to_record()` per unit.
+      Report: files, units.
     * dedup: drop exact and near duplicates of `--field` (`--threshold`, default 0.8), keeping
-      the first; the report (counts) is printed as JSON.
+      the first. Report: `DedupReport.as_dict()`.
+
+    The output is written atomically; a record without the text field raises ValueError
+    naming its file and line.
     """
-    import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("chunk", "code", "dedup"):
-        p = sub.add_parser(name)
-        p.add_argument("input")
-        p.add_argument("output")
-        if name in ("chunk", "dedup"):
-            p.add_argument("--field", default="text")
-        if name in ("chunk", "code"):
-            p.add_argument("--max-tokens", type=int, default=512)
-        if name == "chunk":
-            p.add_argument("--id-field", default="id")
-        if name == "code":
-            p.add_argument("--source-field", default="text")
-            p.add_argument("--path-field", default="path")
-        if name == "dedup":
-            p.add_argument("--threshold", type=float, default=0.8)
-    args = ap.parse_args(argv)
-    try:
-        records = _read_jsonl(args.input)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
-        return 2
     if args.cmd == "chunk":
-        out = []
-        for n, rec in enumerate(records):
-            rid = rec.get(args.id_field, n)
-            for i, chunk in enumerate(chunk_document(rec.get(args.field) or "",
-                                                     max_tokens=args.max_tokens)):
-                out.append(dict(rec, **{args.id_field: f"{rid}/chunk/{i}", args.field: chunk},
-                                source_id=rid, chunk_index=i))
-        report = {"records": len(records), "chunks": _write_jsonl(args.output, out)}
-    elif args.cmd == "code":
+        records = _records(args.input, args.field)
+        out = _chunk(records, args.field, args.id_field, args.max_tokens)
+        write_jsonl(args.output, out)
+        return {"records": len(records), "chunks": len(out)}
+    if args.cmd == "code":
+        records = _records(args.input, args.source_field)
         out = [u.to_record() for rec in records
-               for u in code_units(rec.get(args.source_field) or "",
+               for u in code_units(rec[args.source_field] or "",
                                    str(rec.get(args.path_field) or "unknown"),
                                    max_tokens=args.max_tokens)]
-        report = {"files": len(records), "units": _write_jsonl(args.output, out)}
-    else:
-        kept, rep = dedup(records, text_key=args.field, threshold=args.threshold)
-        _write_jsonl(args.output, kept)
-        report = rep.as_dict()
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        write_jsonl(args.output, out)
+        return {"files": len(records), "units": len(out)}
+    if args.cmd == "dedup":
+        records = _records(args.input, args.field, nullable=False)
+        kept, report = dedup(records, text_key=args.field, threshold=args.threshold)
+        write_jsonl(args.output, kept)
+        return report.as_dict()
+    raise ValueError(f"unknown seeds command {args.cmd!r}")
