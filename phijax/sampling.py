@@ -242,6 +242,82 @@ def _programs(cfg_fields: tuple):
     return prefill, regroup, decode
 
 
+ROW_KEYS = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
+
+
+@dataclass
+class _Layout:
+    """One `generate` call laid out for the device: the prompts to prefill, and per sample row
+    (padded to a bucket; padding rows stop at once) what the programs need."""
+    rows: list[tuple[int, int]]  # (request, sample) of each real row
+    prompts: np.ndarray  # (B, P) left-padded prompts
+    pad: np.ndarray  # (B,) left padding of each prompt
+    source: np.ndarray  # (R,) the prompt each sample row continues
+    row: dict  # ROW_KEYS, "length" and "pad" per sample row (R, ...)
+    how: Choice
+    max_new: int
+
+
+def _layout(requests: list[Request], share_prefix: bool) -> _Layout:
+    rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+    n_rows = _rows_bucket(len(rows))
+    padded = rows + [(0, 0)] * (n_rows - len(rows))
+    owners = list(range(len(requests))) if share_prefix else [i for i, _ in rows]
+    p = _bucket(max(len(r.prompt) for r in requests), 32)
+    prompts = np.zeros((_pow2(len(owners)), p), np.int32)
+    pad = np.full(prompts.shape[0], p - 1, np.int32)  # unused prompt slots hold one token
+    for k, i in enumerate(owners):
+        prompts[k, p - len(requests[i].prompt):] = requests[i].prompt
+        pad[k] = p - len(requests[i].prompt)
+    source = np.array([i for i, _ in padded] if share_prefix else
+                      list(range(len(rows))) + [0] * (n_rows - len(rows)), np.int32)
+    per_row = lambda f, dtype: np.array([f(requests[i]) for i, _ in padded], dtype)
+    stop_ids = np.full((n_rows, max(1, max(len(r.stop_ids) for r in requests))), -1, np.int32)
+    for k, (i, _) in enumerate(padded):
+        stop_ids[k, :len(requests[i].stop_ids)] = requests[i].stop_ids
+    row_max_new = per_row(lambda r: r.max_new_tokens, np.int32)
+    row_max_new[len(rows):] = 1  # padding rows stop at once
+    row = {"seeds": per_row(lambda r: r.seed % 2**32, np.uint32),
+           "draws": np.array([j for _, j in padded], np.uint32),
+           "temperature": per_row(lambda r: r.temperature, np.float32),
+           "top_k": per_row(lambda r: r.top_k, np.int32),
+           "top_p": per_row(lambda r: r.top_p, np.float32),
+           "row_max_new": row_max_new, "stop_ids": stop_ids,
+           "length": (p - pad)[source], "pad": pad[source]}
+    how = Choice(greedy=any(r.temperature == 0 for r in requests),
+                 sample=any(r.temperature > 0 for r in requests),
+                 filtering=any(r.top_k > 0 or r.top_p < 1
+                               for r in requests if r.temperature > 0))
+    return _Layout(rows, prompts, pad, source, row, how,
+                   max(r.max_new_tokens for r in requests))
+
+
+class _Outputs:
+    """Host buffers of every row's new tokens and log-probs, filled segment by segment."""
+
+    def __init__(self, n_rows: int, max_new: int, token, logprob):
+        self.tokens = np.zeros((n_rows, max_new), np.int32)
+        self.logprobs = np.zeros((n_rows, max_new), np.float32)
+        self.tokens[:, 0], self.logprobs[:, 0] = jax.device_get((token, logprob))
+        self.count = np.ones(n_rows, np.int32)
+
+    def add(self, alive, real_rows: int, seg, seg_lp, seg_n) -> None:
+        for k, o in enumerate(alive):
+            n, c = int(seg_n[k]), self.count[o]
+            if n and o < real_rows:
+                self.tokens[o, c:c + n], self.logprobs[o, c:c + n] = seg[k, :n], seg_lp[k, :n]
+                self.count[o] += n
+
+    def samples(self, requests: list[Request], rows) -> list[list[Sample]]:
+        results: list[list[Sample]] = [[] for _ in requests]
+        for k, (i, _) in enumerate(rows):
+            n = int(self.count[k])
+            tokens = self.tokens[k, :n].tolist()
+            results[i].append(Sample(tokens, self.logprobs[k, :n].tolist(),
+                                     "stop" if tokens[-1] in requests[i].stop_ids else "length"))
+        return results
+
+
 class Sampler:
     """Batched sampling from `params` (a pure dict, as training and `weights.load_params` give)."""
 
@@ -262,64 +338,30 @@ class Sampler:
 
     def generate(self, requests: list[Request], share_prefix: bool = True) -> list[list[Sample]]:
         """Each request's `n` samples. `share_prefix=False` prefills every sample row on its
-        own (the same tokens, for comparison and benchmarks).
-
-        Decoding runs in segments of SEGMENT steps; between segments the finished rows are
-        dropped (the live ones gathered into the smallest bucket that holds them) and the cache
-        grows by SEGMENT slots, so attention reads only the slots written so far and a row that
-        stopped early costs nothing after its segment.
-        """
+        own (the same tokens, for comparison and benchmarks)."""
         for i, r in enumerate(requests):
             error = check_request(r, self.max_len, self.cfg.vocab_size)
             if error:
                 raise ValueError(f"request {i}: {error}")
-        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
-        n_rows = _rows_bucket(len(rows))
-        rows_padded = rows + [(0, 0)] * (n_rows - len(rows))
-        # The prompts to prefill, and which of them each sample row continues.
-        owners = list(range(len(requests))) if share_prefix else [i for i, _ in rows]
-        b = _pow2(len(owners))
-        p = _bucket(max(len(r.prompt) for r in requests), 32)
-        prompts = np.zeros((b, p), np.int32)
-        pad = np.full(b, p - 1, np.int32)  # unused prompt slots hold one token
-        for k, i in enumerate(owners):
-            prompts[k, p - len(requests[i].prompt):] = requests[i].prompt
-            pad[k] = p - len(requests[i].prompt)
-        source = np.array([i for i, _ in rows_padded] if share_prefix else
-                          list(range(len(rows))) + [0] * (n_rows - len(rows)), np.int32)
-        per_row = lambda f, dtype: np.array([f(requests[i]) for i, _ in rows_padded], dtype)
-        n_stops = max(1, max(len(r.stop_ids) for r in requests))
-        stop_ids = np.full((n_rows, n_stops), -1, np.int32)
-        for k, (i, _) in enumerate(rows_padded):
-            stop_ids[k, :len(requests[i].stop_ids)] = requests[i].stop_ids
-        row_max_new = per_row(lambda r: r.max_new_tokens, np.int32)
-        row_max_new[len(rows):] = 1  # padding rows stop at once
-        row = {  # per sample row, gathered with the rows between segments
-            "seeds": np.array([requests[i].seed % 2**32 for i, _ in rows_padded], np.uint32),
-            "draws": np.array([j for _, j in rows_padded], np.uint32),
-            "temperature": per_row(lambda r: r.temperature, np.float32),
-            "top_k": per_row(lambda r: r.top_k, np.int32),
-            "top_p": per_row(lambda r: r.top_p, np.float32),
-            "row_max_new": row_max_new, "stop_ids": stop_ids,
-            "length": (p - pad)[source], "pad": pad[source]}
-        how = Choice(greedy=any(r.temperature == 0 for r in requests),
-                     sample=any(r.temperature > 0 for r in requests),
-                     filtering=any(r.top_k > 0 or r.top_p < 1
-                                   for r in requests if r.temperature > 0))
-        prefill, regroup, decode = _programs(dataclasses.astuple(self.cfg))
-        names = ("seeds", "draws", "temperature", "top_k", "top_p", "row_max_new", "stop_ids")
+        lay = _layout(requests, share_prefix)
+        prefill, _, _ = _programs(dataclasses.astuple(self.cfg))
         caches, token, logprob, done = prefill(
-            how, self.vocab_limit, self.params,
-            *self._put(prompts, pad, source, *(row[k] for k in names)))
-        max_new = max(r.max_new_tokens for r in requests)
-        out = np.zeros((n_rows, max_new), np.int32)
-        out_lp = np.zeros((n_rows, max_new), np.float32)
-        out[:, 0], out_lp[:, 0] = jax.device_get((token, logprob))
-        count = np.ones(n_rows, np.int32)
-        done = np.asarray(done)
-        alive = np.arange(n_rows)  # the original row of each current row
+            lay.how, self.vocab_limit, self.params,
+            *self._put(lay.prompts, lay.pad, lay.source, *(lay.row[k] for k in ROW_KEYS)))
+        out = _Outputs(lay.source.size, lay.max_new, token, logprob)
+        self._decode(lay, caches, token, np.asarray(done), out)
+        return out.samples(requests, lay.rows)
+
+    def _decode(self, lay: _Layout, caches, token, done, out: _Outputs) -> None:
+        """Decode segments of SEGMENT steps until every row is done. Between segments the
+        finished rows are dropped (the live ones gathered into the smallest bucket that holds
+        them) and the cache grows by SEGMENT slots, so attention reads only the slots written
+        so far and a row that stopped early costs nothing after its segment."""
+        _, regroup, decode = _programs(dataclasses.astuple(self.cfg))
+        p = lay.prompts.shape[1]
+        alive = np.arange(lay.source.size)  # the original row of each current row
         t0 = 1
-        while t0 < max_new and not done.all():
+        while t0 < lay.max_new and not done.all():
             live = np.flatnonzero(~done)
             keep = _rows_bucket(len(live))
             if keep < len(alive):  # the live rows, padded with a finished one (dropped)
@@ -328,28 +370,15 @@ class Sampler:
             else:
                 index = np.arange(len(alive))
             alive = alive[index]
-            args = self._put(index.astype(np.int32), done, *(row[k][alive] for k in names),
-                             row["length"][alive], row["pad"][alive])
+            args = self._put(index.astype(np.int32), done, *(lay.row[k][alive] for k in ROW_KEYS),
+                             lay.row["length"][alive], lay.row["pad"][alive])
             caches, token = regroup(p + t0 + SEGMENT - 1, caches, args[0], token)
             caches, token, seg, seg_lp, seg_n, done = decode(
-                how, self.vocab_limit, self.params, caches, token, args[1],
-                np.int32(t0), np.int32(p), *args[2:])
+                lay.how, self.vocab_limit, self.params, caches, token, args[1], np.int32(t0),
+                np.int32(p), *args[2:])
             seg, seg_lp, seg_n, done = jax.device_get((seg, seg_lp, seg_n, done))
-            for k, o in enumerate(alive):
-                n = int(seg_n[k])
-                if n and o < len(rows):
-                    out[o, count[o]:count[o] + n] = seg[k, :n]
-                    out_lp[o, count[o]:count[o] + n] = seg_lp[k, :n]
-                    count[o] += n
+            out.add(alive, len(lay.rows), seg, seg_lp, seg_n)
             t0 += SEGMENT
-        results: list[list[Sample]] = [[] for _ in requests]
-        for k, (i, _) in enumerate(rows):
-            n = int(count[k])
-            tokens = out[k, :n].tolist()
-            stopped = tokens[-1] in requests[i].stop_ids
-            results[i].append(Sample(tokens, out_lp[k, :n].tolist(),
-                                     "stop" if stopped else "length"))
-        return results
 
 
 def load_sampler(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
