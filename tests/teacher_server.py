@@ -24,7 +24,8 @@ that choice's content, so tests can script answers per prompt (an exception answ
 
 `script` is a list of fault names (or None for a normal answer) served, in order, to the first
 requests, before the random faults apply. `stats` (thread-safe) counts requests, answers ("ok")
-and faults by kind, and keeps the Authorization headers seen.
+and faults by kind, and keeps the Authorization headers seen and each request's arrival time
+(`time.monotonic()`, in arrival order), so tests check pacing by what the server saw.
 """
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "timeout", "reset", "malformed", "empty", "truncated")
 
-__all__ = ["FAULTS", "ServerHandle", "ServerStats", "start_server", "serve_forever_in_process"]
-
 
 class ServerStats:
     def __init__(self):
@@ -52,16 +51,18 @@ class ServerStats:
         self.ok = 0
         self.faults: collections.Counter = collections.Counter()
         self.auth_headers: list[str] = []
+        self.times: list[float] = []
 
     def snapshot(self) -> dict:
         with self._lock:
             return dict(requests=self.requests, ok=self.ok, faults=dict(self.faults),
                         fault_total=sum(self.faults.values()),
-                        auth_headers=sorted(set(self.auth_headers)))
+                        auth_headers=sorted(set(self.auth_headers)), times=list(self.times))
 
     def __repr__(self) -> str:
         s = self.snapshot()
         s.pop("auth_headers")
+        s.pop("times")
         return f"ServerStats({s})"
 
 
@@ -107,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         with stats._lock:
             stats.requests += 1
+            stats.times.append(time.monotonic())
             auth = self.headers.get("Authorization")
             if auth is not None:
                 stats.auth_headers.append(auth)

@@ -3,6 +3,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from teacher_server import secret_env, start_server  # noqa: E402
 
-from tools.pipeline import (PipelineError, load_pipeline, read_records,  # noqa: E402
+from tools.pipeline import (PipelineError, RunDir, load_pipeline, read_records,  # noqa: E402
                             run_pipeline, shard_path)
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOLS_CLI = Path(sys.executable).parent / "phijax-tools"
 N_SEEDS = 1000
 KEY_ENV = "PHIJAX_TEST_PIPELINE_KEY"
 # Fast retries; the client timeout sits below the server's hang so "timeout" faults cost 0.25 s.
@@ -123,7 +125,7 @@ def test_thousand_seeds_with_faults(reference, server, secret):
     assert usage["total"]["requests"] >= reference["requests"] > 0
     assert usage["total"]["completion_tokens"] > 0 and usage["records"] == N_SEEDS
     # the key was really sent (Authorization header) yet never reached a file
-    assert any(secret in a for a in server.stats.snapshot().get("auth_headers", [secret]))
+    assert f"Bearer {secret}" in server.stats.snapshot()["auth_headers"]
     assert_no_secret(run_dir, secret)
 
 
@@ -167,7 +169,7 @@ def _count_lines(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_and_restart(reference, server, secret, tmp_path):
-    """`python -m tools run` killed with SIGKILL at random points three times (and twice more
+    """`phijax-tools run` killed with SIGKILL at random points three times (and twice more
     at injected worst-case instants), then run to the end: exactly the records of the
     uninterrupted run, no duplicates, none lost."""
     write_seeds(tmp_path / "seeds.jsonl")
@@ -175,7 +177,7 @@ def test_sigkill_and_restart(reference, server, secret, tmp_path):
     cfg = tmp_path / "pipe.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "tools", "run", str(cfg), "--no-progress"]
+    cmd = [str(TOOLS_CLI), "run", str(cfg), "--no-progress"]
     done = tmp_path / "run" / "state" / "done.jsonl"
     rng = random.Random()
     targets = sorted(rng.sample(range(30, 800), 3))
@@ -279,18 +281,38 @@ BAD = [
     ({"teacher": {"base_url": "http://127.0.0.1:1/v1"}}, "teacher.model"),
     ({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "max_retries": "lots"}},
      "teacher.max_retries"),
+    ({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "concurrency": 0}},
+     "teacher.concurrency"),
+    ({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "timeout_s": 0}},
+     "teacher.timeout_s"),
     ({"shards": 0}, "shards"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"cache": 3}, "cache"),
     ({"stages": []}, "stages"),
+    ({"stages": ["prompt"]}, "stages[0]"),
     ({"stages": [{"name": "a", "type": "prompt"}]}, "stages[0].template"),
     ({"stages": [{"name": "a", "type": "prompt", "template": "x", "n": 0}]}, "stages[0].n"),
+    ({"stages": [{"name": "a", "type": "prompt", "template": "x", "temperature": -1}]},
+     "stages[0].temperature"),
     ({"stages": [{"name": "a", "type": "prompt", "template": "x", "tempreature": 1}]},
      "stages[0].tempreature"),
+    ({"stages": [{"name": "a", "type": "prompt", "template": "x", "output_field": "id"}]},
+     "stages[0].output_field"),
+    ({"stages": [{"name": "a b", "type": "prompt", "template": "x"}]}, "stages[0].name"),
     ({"stages": [{"name": "f", "type": "filter", "field": "a", "regex": "("}]},
      "stages[0].regex"),
+    ({"stages": [{"name": "f", "type": "filter", "field": "a", "in": {"x": 1}}]},
+     "stages[0].in"),
+    ({"stages": [{"name": "f", "type": "filter", "field": "a"}]}, "stages[0]"),
     ({"stages": [{"name": "a", "type": "filter", "field": "x", "equals": 1},
                  {"name": "a", "type": "filter", "field": "x", "equals": 1}]}, "stages[1].name"),
     ({"outptu": "x"}, "outptu"),
 ]
+
+
+def names_key(msg: str, key: str) -> bool:
+    """`key` stands in the message as a whole key (not as part of a longer one)."""
+    return re.search(rf"(^|\s){re.escape(key)}(:|\s|$)", msg) is not None
 
 
 @pytest.mark.parametrize("patch,key", BAD, ids=[k for _, k in BAD])
@@ -303,19 +325,88 @@ def test_bad_pipeline_one_line_error(tmp_path, patch, key):
     with pytest.raises(PipelineError) as e:
         load_pipeline(raw=raw)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(key), msg
+    assert "\n" not in msg and names_key(msg, key), msg
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_override_names_the_key(tmp_path):
+    write_seeds(tmp_path / "seeds.jsonl", 1)
+    raw = {"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
+           "input": str(tmp_path / "seeds.jsonl"), "output": str(tmp_path / "run"),
+           "stages": [{"name": "a", "type": "prompt", "template": "{question}"}]}
+    assert load_pipeline(raw=raw, overrides=["stages.0.n=3"]).stages[0].cfg.n == 3
+    for override, key in (("stages.0.n=0", "stages[0].n"), ("stages.1.n=2", "stages.1.n"),
+                          ("teacher.concurrency=x", "teacher.concurrency")):
+        with pytest.raises(PipelineError) as e:
+            load_pipeline(raw=raw, overrides=[override])
+        assert "\n" not in str(e.value) and key in str(e.value), (override, str(e.value))
+
+
+def test_fingerprint_decides_resume(tmp_path):
+    """A run directory resumes only the pipeline that wrote it: the stages' parameters and the
+    content of the files they read count; where a file lies and how fast the run goes do not."""
+    write_seeds(tmp_path / "seeds.jsonl", 1)
+    tpl = tmp_path / "tpl.txt"
+    tpl.write_text("Q: {question}")
+    copy = tmp_path / "copy.txt"
+    copy.write_text(tpl.read_text())
+    raw = {"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
+           "input": str(tmp_path / "seeds.jsonl"), "output": str(tmp_path / "run"),
+           "stages": [{"name": "a", "type": "prompt", "template_file": str(tpl)}]}
+    fp = load_pipeline(raw=raw).fingerprint()
+    assert load_pipeline(raw=raw, overrides=[f"stages.0.template_file={copy}", "concurrency=3",
+                                             "teacher.max_retries=1"]).fingerprint() == fp
+    assert load_pipeline(raw=raw, overrides=["stages.0.n=2"]).fingerprint() != fp
+    assert load_pipeline(raw=raw, overrides=["shards=2"]).fingerprint() != fp
+    open_run(load_pipeline(raw=raw))
+    tpl.write_text("Question: {question}")
+    with pytest.raises(PipelineError, match="stages changed"):
+        open_run(load_pipeline(raw=raw))
+    tpl.write_text("Q: {question}")
+    with pytest.raises(PipelineError, match="shards changed"):
+        open_run(load_pipeline(raw=raw, overrides=["shards=3"]))
+    open_run(load_pipeline(raw=raw))
+
+
+def open_run(pipe) -> None:
+    run = RunDir(pipe)
+    try:
+        run.open()
+    finally:
+        run.close()
+
+
 def test_cli_bad_yaml_and_ray(tmp_path, capsys, monkeypatch):
-    from tools.__main__ import main
+    from tools.cli import main
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
                                    "input": str(tmp_path / "missing.jsonl"),
                                    "output": str(tmp_path / "run"), "stages": []}))
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: input:") and "\n" not in err
+    assert err == f"phijax-tools: error: input: file {tmp_path / 'missing.jsonl'} does not exist"
+    assert main(["run", str(bad), "stages.0.n=2"]) == 2      # an index the list does not have
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("phijax-tools: error: override stages.0.n:") and "\n" not in err
     monkeypatch.setitem(sys.modules, "ray", None)   # as if not installed: `import ray` fails
     assert main(["run", str(bad), "--executor", "ray"]) == 2
-    assert capsys.readouterr().err.strip() == "error: ray is not installed; pip install ray"
+    assert capsys.readouterr().err.strip() == \
+        "phijax-tools: error: --executor ray: ray is not installed; pip install ray"
+
+
+def test_cli_check_and_run_command(server, secret, tmp_path):
+    """The console script: `--check` validates without a network call; a run prints its
+    summary as JSON."""
+    write_seeds(tmp_path / "seeds.jsonl", 5)
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(yaml.safe_dump(pipeline_dict(server, tmp_path)))
+    before = requests_served(server)
+    out = subprocess.run([str(TOOLS_CLI), "run", str(cfg), "shards=2", "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"ok: {cfg}: 1 stages, 2 shards, output {tmp_path / 'run'}"
+    assert requests_served(server) == before and not (tmp_path / "run").exists()
+    out = subprocess.run([str(TOOLS_CLI), "run", str(cfg), "--no-progress"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["records"] == 5 and len(read_records(tmp_path / "run")) == 5

@@ -1,4 +1,4 @@
-"""tools.pipeline's Ray executor (`python -m tools run PIPE.yaml --executor ray`) against the
+"""tools.pipeline's Ray executor (`phijax-tools run PIPE.yaml --executor ray`) against the
 loopback teacher server with faults: the same records as the local executor, shared run
 directory layout (either executor resumes the other's run), no requests on a rerun, no key in
 any file. One local Ray instance (2 CPUs) for the whole module."""
@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_server import secret_env, start_server  # noqa: E402
+from teacher_server import start_server  # noqa: E402
+from test_pipeline import FAST, assert_no_secret, by_id, secret  # noqa: E402,F401 (a fixture)
+from test_pipeline import requests_served as served  # noqa: E402
 
 from tools.pipeline import (load_pipeline, read_records, run_pipeline,  # noqa: E402
                             run_pipeline_ray, shard_of, shard_path)
@@ -22,15 +24,7 @@ pytestmark = pytest.mark.slow
 
 N_SEEDS = 200
 SHARDS = 4
-KEY_ENV = "PHIJAX_TEST_PIPELINE_RAY_KEY"
-FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=32, max_retries=25,
-            timeout_s=0.25, backoff_base_s=0.005, backoff_max_s=0.05)
-
-
-@pytest.fixture(scope="module")
-def secret():
-    with secret_env(KEY_ENV) as key:
-        yield key
+TEACHER = dict(FAST, concurrency=32)
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +45,6 @@ def server():
     srv.stop()
 
 
-def served(srv) -> int:
-    return srv.stats.snapshot()["requests"]
-
-
-def strip_time(rec: dict) -> dict:
-    rec = json.loads(json.dumps(rec))
-    for st in rec["provenance"]["stages"]:
-        st.pop("time", None)
-    return rec
-
-
-def by_id(records: list[dict]) -> dict:
-    out = {r["id"]: strip_time(r) for r in records}
-    assert len(out) == len(records), "duplicate record ids"
-    return out
-
-
-def assert_no_secret(run_dir: Path, key: str) -> None:
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert files
-    for p in files:
-        assert key.encode() not in p.read_bytes(), f"API key found in {p}"
-
-
 def done_lines(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "state" / "done.jsonl").read_text().splitlines()]
 
@@ -90,7 +60,7 @@ def runs(tmp_path_factory, server, secret, ray_cluster):
         f.write(json.dumps({"id": "s7", "question": "a repeated id"}) + "\n")
 
     def raw(name):
-        return {"teacher": dict(FAST, base_url=server.url), "input": str(tmp / "seeds.jsonl"),
+        return {"teacher": dict(TEACHER, base_url=server.url), "input": str(tmp / "seeds.jsonl"),
                 "output": str(tmp / name), "shards": SHARDS,
                 "stages": [{"name": "answer", "type": "prompt", "template": "Q: {question}",
                             "n": 2, "temperature": 0.5, "output_field": "answer"}]}
@@ -184,9 +154,9 @@ def test_resume_a_crashed_ray_run(runs, server, secret, tmp_path, executor):
 
 
 def test_ray_resumes_a_local_run_and_cli(runs, server, secret, tmp_path, capsys):
-    """`python -m tools run --executor ray` (in-process, on the module's Ray instance) finishes
+    """`phijax-tools run --executor ray` (in-process, on the module's Ray instance) finishes
     a local run cut short: only the missing seeds are processed, from the cache."""
-    from tools.__main__ import main
+    from tools.cli import main
     run_dir = tmp_path / "run"
     shutil.copytree(runs["tmp"] / "local", run_dir)
     done = run_dir / "state" / "done.jsonl"
@@ -209,7 +179,8 @@ def test_shard_task_recovers_its_own_files(runs, server, secret, tmp_path):
     """A shard task that Ray retries after its worker died (here: run in-process) first
     repairs its own files: torn lines cut, records and failures of unmarked seeds dropped;
     then it redoes those seeds from the cache and writes only its own shard."""
-    from tools.pipeline import RunDir, _run_shard, _Secret
+    from tools.pipeline import RunDir
+    from tools.pipeline.ray import _run_shard, _Secret
     run_dir = tmp_path / "run"
     shutil.copytree(runs["tmp"] / "ray", run_dir)
     k = 2
@@ -250,7 +221,7 @@ def test_ray_failures_and_retry_failed(runs, secret, tmp_path):
             for i in range(12):
                 f.write(json.dumps({"id": f"f{i}", "question": f"q{i}"}) + "\n")
         raw = dict(runs["raw"]("x"), input=str(tmp_path / "seeds.jsonl"),
-                   output=str(tmp_path / "run"), teacher=dict(FAST, base_url=srv.url))
+                   output=str(tmp_path / "run"), teacher=dict(TEACHER, base_url=srv.url))
         s = run_pipeline_ray(load_pipeline(raw=raw), progress=False)
         assert s["seeds_ok"] == 10 and s["seeds_failed"] == 2 and s["records"] == 20
         fails = [json.loads(l) for l in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]

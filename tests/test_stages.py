@@ -12,10 +12,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from teacher_server import start_server  # noqa: E402
 
+from phijax.eval.answers import extract_python  # noqa: E402
+from phijax.hashing import sha256_hex  # noqa: E402
 from tools import sandbox  # noqa: E402
 from tools.pipeline import PipelineError, load_pipeline, read_records, run_pipeline  # noqa: E402
-from tools.stages import TEMPLATES, extract_python, parse_verdict  # noqa: E402
-from tools.pipeline import _sha256  # noqa: E402
+from tools.stages import TEMPLATES, parse_verdict  # noqa: E402
 
 TEACHER = dict(model="scripted", concurrency=8, max_retries=3, timeout_s=10,
                backoff_base_s=0.005, backoff_max_s=0.05)
@@ -85,7 +86,7 @@ def test_difficulty_filter(tmp_path):
     assert recs["pair"]["reference_answer"] == "7" and recs["pair"]["agreement"] == 0.5
     st = recs["mid"]["provenance"]["stages"][-1]
     assert st["stage"] == "diff" and st["model"] == "scripted"
-    assert st["template_sha256"] and st["templates"]["difficulty"] == _sha256(
+    assert st["template_sha256"] and st["templates"]["difficulty"] == sha256_hex(
         (TEMPLATES / "difficulty.txt").read_text())
     assert st["counts"] == {"3/4": 3, "5": 1} and st["k"] == 4
     assert recs["mid"]["id"] == "mid/diff/0" and recs["mid"]["question"] == "mid"

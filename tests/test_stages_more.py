@@ -10,10 +10,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_stages import TEACHER, Script, run_stage  # noqa: E402
 
+from phijax.hashing import sha256_hex  # noqa: E402
 from tools import sandbox  # noqa: E402
 from tools.decontam import Index  # noqa: E402
 from tools.export import to_chat, write_chat_jsonl  # noqa: E402
-from tools.pipeline import PipelineError, _sha256, load_pipeline  # noqa: E402
+from tools.pipeline import PipelineError, load_pipeline  # noqa: E402
 from tools.stages import (TEMPLATES, code_similarity, normalise_code,  # noqa: E402
                           parse_problem_solution, parse_qa_pairs)
 
@@ -59,7 +60,7 @@ def test_rewrite_single_kind(tmp_path):
         "{text}", PASSAGES["p1"]).replace("{{ANSWER}}", "{ANSWER}")
     st = r["provenance"]["stages"][-1]
     assert st["kind"] == "reasoning" and st["model"] == "scripted"
-    assert st["templates"] == {"reasoning": _sha256(
+    assert st["templates"] == {"reasoning": sha256_hex(
         (TEMPLATES / "rewrite_reasoning.txt").read_text())}
     assert stage.stats == {"kept_reasoning": 2, "dropped_unparsed": 1}
 

@@ -1,5 +1,5 @@
 """tools.stages quality_label / quality_filter / chunk through tools.pipeline (the loopback
-teacher server with a scripted responder), and the `python -m tools.seeds` CLI."""
+teacher server with a scripted responder), and the `phijax-tools seeds` command."""
 import asyncio
 import json
 import sys
@@ -150,8 +150,9 @@ def _jsonl(path, recs):
 
 
 def test_seeds_cli_chunk_and_dedup(tmp_path, capsys):
+    from tools.cli import main
     inp = _jsonl(tmp_path / "in.jsonl", [{"id": "doc", "text": LONG}, {"id": "s", "text": "short"}])
-    assert seeds.main(["chunk", inp, str(tmp_path / "chunks.jsonl"), "--max-tokens", "30"]) == 0
+    assert main(["seeds", "chunk", inp, str(tmp_path / "chunks.jsonl"), "--max-tokens", "30"]) == 0
     out = [json.loads(l) for l in (tmp_path / "chunks.jsonl").read_text().splitlines()]
     expected = seeds.chunk_document(LONG, max_tokens=30)
     assert [r["id"] for r in out] == [f"doc/chunk/{i}" for i in range(len(expected))] + \
@@ -162,7 +163,7 @@ def test_seeds_cli_chunk_and_dedup(tmp_path, capsys):
     text = "the quick brown fox jumps over the lazy dog " * 5
     inp = _jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": text}, {"id": 2, "text": text.upper()},
                                         {"id": 3, "text": "something else entirely here"}])
-    assert seeds.main(["dedup", inp, str(tmp_path / "dd.jsonl")]) == 0
+    assert main(["seeds", "dedup", inp, str(tmp_path / "dd.jsonl")]) == 0
     kept = [json.loads(l)["id"] for l in (tmp_path / "dd.jsonl").read_text().splitlines()]
     assert kept == [1, 3]
     assert json.loads(capsys.readouterr().out)["exact_duplicates"] == 1
@@ -172,9 +173,9 @@ def test_seeds_cli_code_subprocess(tmp_path):
     import subprocess
     src = "def f():\n    return 1\n\n\nclass C:\n    pass\n"
     inp = _jsonl(tmp_path / "code.jsonl", [{"path": "m.py", "text": src}])
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "tools.seeds", "code", inp,
-                        str(tmp_path / "units.jsonl")], cwd=root, capture_output=True, text=True)
+    cli = Path(sys.executable).parent / "phijax-tools"
+    r = subprocess.run([str(cli), "seeds", "code", inp, str(tmp_path / "units.jsonl")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     units = [json.loads(l) for l in (tmp_path / "units.jsonl").read_text().splitlines()]
     assert [(u["name"], u["kind"]) for u in units] == [("f", "function"), ("C", "class")]

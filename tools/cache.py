@@ -9,14 +9,13 @@ reads never block writers. Stdlib `sqlite3` only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-__all__ = ["Cache"]
+from phijax.hashing import canonical_json, sha256_hex
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS responses ("
            "key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)")
@@ -53,9 +52,7 @@ class Cache:
     @staticmethod
     def key(request: dict) -> str:
         """sha256 hex of the canonical JSON (sorted keys, no whitespace, UTF-8) of `request`."""
-        blob = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return sha256_hex(canonical_json(request))
 
     def get(self, key: str) -> dict | None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Pipeline records -> chat JSONL for `phijax.data.store.build_store` (DESIGN.md §1, §2).
+"""Pipeline records -> chat JSONL for `phijax.data.store.build_store`.
 
 Each record with a non-empty instruction and response becomes
 `{"id": ..., "messages": [{"role": "user", ...}, {"role": "assistant", ...}]}` (with a system
@@ -6,11 +6,10 @@ message first when `system` is given); others are skipped and counted.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-__all__ = ["to_chat", "write_chat_jsonl"]
+from phijax.files import write_jsonl
 
 
 def to_chat(record: dict, instruction_field: str = "instruction",
@@ -26,17 +25,13 @@ def to_chat(record: dict, instruction_field: str = "instruction",
 
 def write_chat_jsonl(records: Iterable[dict], out: str | Path, **kw) -> tuple[int, int]:
     """Write the chat form of `records` to `out` (atomically); returns (written, skipped)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    written = skipped = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    counts = {"written": 0, "skipped": 0}
+
+    def chats():
         for rec in records:
             chat = to_chat(rec, **kw)
-            if chat is None:
-                skipped += 1
-                continue
-            f.write(json.dumps(chat, ensure_ascii=False) + "\n")
-            written += 1
-    tmp.replace(out)
-    return written, skipped
+            counts["skipped" if chat is None else "written"] += 1
+            if chat is not None:
+                yield chat
+    write_jsonl(out, chats())
+    return counts["written"], counts["skipped"]

@@ -288,7 +288,7 @@ def code_units(source: str, path: str, max_tokens: int = 512,
 
 def _field(record: dict, dotted: str) -> Any:
     """The value at a dotted path (`a.b`, `answers.0.text`) of a record; None if absent."""
-    from tools.pipeline import lookup
+    from tools.pipeline.stage import lookup
     try:
         return lookup(record, dotted)
     except KeyError:

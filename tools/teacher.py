@@ -31,7 +31,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 import openai
@@ -41,25 +41,26 @@ try:  # openai >= 3 ships on httpx2; older releases on httpx
 except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
-from .cache import Cache
-
-__all__ = ["TeacherConfig", "TeacherError", "Teacher", "parse_retry_after"]
+from phijax.config import check_fields, positive, ranged
+from tools.cache import Cache
 
 
 @dataclass
 class TeacherConfig:
+    """The teacher endpoint and client limits: the `teacher` section of a pipeline or judge
+    config, loaded with `phijax.config` (ranges declared here, checked by `check_fields`)."""
     base_url: str                        # any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     model: str
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (never the key)
-    concurrency: int = 64
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    max_retries: int = 8
-    timeout_s: float = 60.0
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 30.0
-    price_prompt_per_1k: float = 0.0
-    price_completion_per_1k: float = 0.0
+    concurrency: int = ranged(64, ge=1)  # requests in flight
+    requests_per_minute: Optional[float] = positive(None)
+    tokens_per_minute: Optional[float] = positive(None)
+    max_retries: int = ranged(8, ge=0)
+    timeout_s: float = positive(60.0)    # per attempt
+    backoff_base_s: float = ranged(0.5, ge=0)
+    backoff_max_s: float = ranged(30.0, ge=0)
+    price_prompt_per_1k: float = ranged(0.0, ge=0)      # cost accounting, per 1k tokens
+    price_completion_per_1k: float = ranged(0.0, ge=0)
 
 
 class TeacherError(Exception):
@@ -77,19 +78,23 @@ class _Retryable(Exception):
 class _TokenBucket:
     """Refills at `per_minute / 60` per second up to one second's worth (at least one request's
     amount). `acquire(x)` waits until the level reaches min(x, capacity), then takes x (the level
-    may go negative, so oversized requests still pay in full). Waiters are served in order."""
+    may go negative, so oversized requests still pay in full). Waiters are served in order.
+    `clock` and `sleep` are the time source and the wait (tests pass a simulated clock)."""
 
-    def __init__(self, per_minute: float, burst_s: float = 1.0):
+    def __init__(self, per_minute: float, burst_s: float = 1.0, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable] = asyncio.sleep):
         if not per_minute > 0:
             raise ValueError(f"rate limit must be > 0, got {per_minute}")
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate * burst_s)
         self.level = self.capacity
-        self.stamp = time.monotonic()
+        self.clock, self.sleep = clock, sleep
+        self.stamp = clock()
         self._lock = asyncio.Lock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
@@ -101,7 +106,7 @@ class _TokenBucket:
                 if self.level >= need:
                     self.level -= amount
                     return
-                await asyncio.sleep((need - self.level) / self.rate)
+                await self.sleep((need - self.level) / self.rate)
 
     def credit(self, amount: float) -> None:
         """Give back `amount` (negative: charge more), e.g. to correct an estimate."""
@@ -165,8 +170,7 @@ class Teacher:
     """Async, rate-limited, retrying, caching chat client; see the module docstring."""
 
     def __init__(self, cfg: TeacherConfig, cache: Cache | None = None):
-        if cfg.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {cfg.concurrency}")
+        check_fields(cfg, "teacher")
         key = os.environ.get(cfg.api_key_env)
         if not key:
             if not _is_loopback(cfg.base_url):

@@ -1,7 +1,8 @@
-"""tools.answers: final-answer normalisation and the Phi-4 difficulty filter."""
+"""Final-answer normalisation (phijax.eval.answers) and the Phi-4 difficulty filter (tools.stages)."""
 import pytest
 
-from tools.answers import difficulty_filter, last_boxed, normalize_answer
+from phijax.eval.answers import last_boxed, normalize_answer
+from tools.stages.reasoning import difficulty_filter
 
 
 @pytest.mark.parametrize("text, want", [
