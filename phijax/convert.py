@@ -1,31 +1,36 @@
-"""Hugging Face `Phi3ForCausalLM` directories <-> phijax run directories, one tensor at a time.
+"""Hugging Face `Phi3ForCausalLM` directories <-> phijax run directories.
 
 `from_hf(HF_DIR, CKPT)` reads config.json and the safetensors (one `model.safetensors`, or shards
 listed in `model.safetensors.index.json`) into a run directory; `to_hf(CKPT, HF_DIR)` writes them
 back. Both directions go through `TABLE`, one entry per HF tensor name.
 
-Tensors are read and written with the small safetensors reader/writer below (8-byte little-endian
-header length, a JSON header, then raw little-endian data): safetensors' numpy API has no
-bfloat16, which ml_dtypes provides. Only one HF tensor is ever held besides the parameters.
+Tensors are read with the `safetensors` library one at a time (`safe_open`, numpy arrays; BF16
+arrives as ml_dtypes' bfloat16), so reading holds one HF tensor besides the parameters. Writing
+serializes one shard at a time: the library writes a file from arrays in memory, so a shard's
+tensors (up to `max_shard_gb`) are held together while it is written. Each shard appears whole
+or not at all.
 
 Not converted: the tokenizer (HF tokenizer.json vs our sentencepiece model). `sliding_window` is
 ignored (phijax attends over the whole document-masked context), with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy reader relies on
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from phijax.config import Config, MeshConfig, ModelConfig, from_dict, validate
+from phijax.files import atomic_write, replacing
 from phijax.sharding import make_mesh
 from phijax.weights import abstract_params, load_params, save_params
 
@@ -206,65 +211,21 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
 
 # ---------------------------------------------------------------- safetensors
 
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
-WRITE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+READ_DTYPES = ("F32", "F16", "BF16", "F64")  # HF tensor dtypes from_hf accepts
+WRITE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+def _open(path: Path, stack: contextlib.ExitStack):
+    """A `safe_open` handle on `path`, closed with `stack`; ValueError if it is not
+    safetensors."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+        return stack.enter_context(safe_open(path, framework="numpy"))
+    except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return 8 + n, header
 
 
-def read_tensor(path: Path, start: int, name: str, info: dict) -> np.ndarray:
-    dtype = np.dtype(DTYPES[info["dtype"]])
-    count = math.prod(info["shape"])
-    begin, end = info["data_offsets"]
-    if end - begin != count * dtype.itemsize:
-        raise ValueError(f"{path}: tensor {name} has {end - begin} bytes, expected "
-                         f"{count * dtype.itemsize}")
-    return np.fromfile(path, dtype=dtype, count=count, offset=start + begin) \
-        .reshape(info["shape"])
-
-
-def write_safetensors(path: Path, shapes: dict[str, tuple], arrays, dtype: str) -> None:
-    """Write tensors `shapes` (name -> shape), taken one at a time from the iterable `arrays`,
-    converted to `dtype`; atomically (a temporary file, then a rename)."""
-    np_dtype = np.dtype(DTYPES[dtype])
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * np_dtype.itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for (name, shape), array in zip(shapes.items(), arrays, strict=True):
-            array = np.ascontiguousarray(array, dtype=np_dtype)
-            assert array.shape == tuple(shape), (name, array.shape, shape)
-            array.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _tensor_files(hf_dir: Path) -> dict[str, tuple[Path, int, dict]]:
-    """name -> (file, data offset, header entry) over a model's safetensors files."""
+def _tensor_files(hf_dir: Path, stack: contextlib.ExitStack) -> dict[str, tuple[Path, object]]:
+    """name -> (file, its open handle) over a model's safetensors files."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
@@ -274,13 +235,45 @@ def _tensor_files(hf_dir: Path) -> dict[str, tuple[Path, int, dict]]:
         raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     out = {}
     for file in files:
-        start, header = read_header(hf_dir / file)
-        for name, info in header.items():
+        handle = _open(hf_dir / file, stack)
+        for name in handle.keys():
             if name in out:
                 raise ValueError(f"{hf_dir}: tensor {name} is in both {out[name][0].name} "
                                  f"and {file}")
-            out[name] = (hf_dir / file, start, info)
+            out[name] = (hf_dir / file, handle)
     return out
+
+
+def _check_tensors(hf_dir: Path, files: dict, expected: dict, c: Dims) -> None:
+    """Every expected tensor is there with its shape and a readable dtype, and nothing else."""
+    for name in files:
+        if name not in expected:
+            raise ValueError(f"{hf_dir}: unexpected tensor {name}")
+    for name, (key, _) in expected.items():
+        if name not in files:
+            raise ValueError(f"{hf_dir}: missing tensor {name}")
+        info = files[name][1].get_slice(name)
+        dtype, shape = info.get_dtype(), list(info.get_shape())
+        if tuple(shape) != TABLE[key][1](c) or dtype not in READ_DTYPES:
+            raise ValueError(f"{hf_dir}: tensor {name} is {dtype} {shape}, "
+                             f"expected {list(TABLE[key][1](c))} ({', '.join(READ_DTYPES)})")
+
+
+def _read(path: Path, handle, name: str) -> np.ndarray:
+    try:
+        return handle.get_tensor(name)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: tensor {name}: {e}") from None
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One safetensors file of `arrays` (all held in memory), appearing whole or not at all."""
+    with replacing(path) as tmp:
+        save_file(arrays, tmp, metadata={"format": "pt"})
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- conversions
@@ -295,42 +288,25 @@ def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
     if any((ckpt / "checkpoints").glob("*")):
         raise ValueError(f"{ckpt}: already holds checkpoints; give a new directory")
     c = dims(cfg.model)
-    files = _tensor_files(hf_dir)
-    if cfg.model.tie_word_embeddings:
-        files.pop("lm_head.weight", None)  # HF ties it to the embedding on load, too
     expected = hf_names(c, cfg.model.tie_word_embeddings)
-    for name in files:
-        if name not in expected:
-            raise ValueError(f"{hf_dir}: unexpected tensor {name}")
-    for name, (key, _) in expected.items():
-        if name not in files:
-            raise ValueError(f"{hf_dir}: missing tensor {name}")
-        info = files[name][2]
-        if tuple(info["shape"]) != TABLE[key][1](c) or info["dtype"] not in DTYPES:
-            raise ValueError(f"{hf_dir}: tensor {name} is {info['dtype']} {info['shape']}, "
-                             f"expected {list(TABLE[key][1](c))} ({', '.join(DTYPES)})")
-
     params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract_params(cfg))
-    for name, (key, i) in expected.items():
-        paths, _, to_ours, _ = TABLE[key]
-        w = read_tensor(files[name][0], files[name][1], name, files[name][2])
-        for path, value in zip(paths, to_ours(w.astype(np.float32, copy=False), c), strict=True):
-            _leaf(params, path)[... if i is None else i] = value
+    with contextlib.ExitStack() as stack:
+        files = _tensor_files(hf_dir, stack)
+        if cfg.model.tie_word_embeddings:
+            files.pop("lm_head.weight", None)  # HF ties it to the embedding on load, too
+        _check_tensors(hf_dir, files, expected, c)
+        for name, (key, i) in expected.items():
+            paths, _, to_ours, _ = TABLE[key]
+            w = _read(*files[name], name).astype(np.float32, copy=False)
+            for path, value in zip(paths, to_ours(w, c), strict=True):
+                _leaf(params, path)[... if i is None else i] = value
     return save_params(ckpt, cfg, params)
 
 
-def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
-          max_shard_gb: float = 5.0) -> Path:
-    """Write run directory `ckpt`'s latest params as an HF Phi3ForCausalLM directory."""
-    if dtype not in WRITE:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(WRITE)}")
-    hf_dir = Path(hf_dir)
-    cfg, params = load_params(ckpt, make_mesh(MeshConfig(), jax.devices("cpu")[:1]))
-    c = dims(cfg.model)
-    names = hf_names(c, cfg.model.tie_word_embeddings)
-    itemsize = np.dtype(DTYPES[WRITE[dtype]]).itemsize
-
-    shards, size, limit = [{}], 0, max_shard_gb * 1e9  # greedy, in module order
+def _shards(names: dict, c: Dims, itemsize: int, limit: float) -> dict[str, dict[str, tuple]]:
+    """file name -> {tensor name: shape}: greedy in module order, each under `limit` bytes
+    unless one tensor alone is larger."""
+    shards, size = [{}], 0
     for name, (key, _) in names.items():
         shape = TABLE[key][1](c)
         nbytes = math.prod(shape) * itemsize
@@ -342,26 +318,49 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else \
         [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    return dict(zip(files, shards))
+
+
+def _remove_stale(hf_dir: Path, keep: set[str]) -> None:
+    """Remove an earlier conversion's weight files, which HF would load instead of ours."""
+    for p in hf_dir.glob("model*.safetensors*"):
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", p.name) \
+                and p.name not in keep:
+            p.unlink()
+
+
+def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
+          max_shard_gb: float = 5.0) -> Path:
+    """Write run directory `ckpt`'s latest params as an HF Phi3ForCausalLM directory, one
+    shard in memory at a time."""
+    if dtype not in WRITE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(WRITE_DTYPES)}")
+    hf_dir, np_dtype = Path(hf_dir), np.dtype(WRITE_DTYPES[dtype])
+    cfg, params = load_params(ckpt, make_mesh(MeshConfig(), jax.devices("cpu")[:1]))
+    c = dims(cfg.model)
+    names = hf_names(c, cfg.model.tie_word_embeddings)
+    shards = _shards(names, c, np_dtype.itemsize, max_shard_gb * 1e9)
+    shapes_of = {name: shape for shapes in shards.values() for name, shape in shapes.items()}
 
     def tensor(name):
         key, i = names[name]
         paths, _, _, to_hf_fn = TABLE[key]
         leaves = (_leaf(params, p) if i is None else _leaf(params, p)[i] for p in paths)
-        return to_hf_fn(tuple(np.asarray(a) for a in leaves), c)
+        array = np.ascontiguousarray(to_hf_fn(tuple(np.asarray(a) for a in leaves), c),
+                                     dtype=np_dtype)
+        assert array.shape == shapes_of[name], (name, array.shape, shapes_of[name])
+        return array
 
     hf_dir.mkdir(parents=True, exist_ok=True)
-    for file, shapes in zip(files, shards):
-        write_safetensors(hf_dir / file, shapes, map(tensor, shapes), WRITE[dtype])
-    index = hf_dir / "model.safetensors.index.json"
-    if n > 1:
-        total = sum(math.prod(s) * itemsize for shapes in shards for s in shapes.values())
-        _write_json(index, {"metadata": {"total_size": total},
-                            "weight_map": {name: file for file, shapes in zip(files, shards)
-                                           for name in shapes}})
-    stale = [p for p in hf_dir.glob("model*.safetensors*")
-             if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", p.name)
-             and p.name not in files and not (n > 1 and p == index)]
-    for p in stale:  # an earlier conversion's files, which HF would load instead of ours
-        p.unlink()
+    for file, shapes in shards.items():
+        _write_shard(hf_dir / file, {name: tensor(name) for name in shapes})
+    keep = set(shards)
+    if len(shards) > 1:
+        keep.add("model.safetensors.index.json")
+        total = sum(math.prod(s) * np_dtype.itemsize for s in shapes_of.values())
+        _write_json(hf_dir / "model.safetensors.index.json", {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file for file, shapes in shards.items() for name in shapes}})
+    _remove_stale(hf_dir, keep)
     _write_json(hf_dir / "config.json", hf_config(cfg.model, dtype))
     return hf_dir

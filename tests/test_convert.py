@@ -9,10 +9,12 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from phijax import convert  # noqa: E402
 from phijax.config import MeshConfig  # noqa: E402
-from phijax.convert import from_hf, read_header, to_hf, write_safetensors  # noqa: E402
+from phijax.convert import from_hf, to_hf  # noqa: E402
 from phijax.model import init_model  # noqa: E402
 from phijax.sharding import make_mesh  # noqa: E402
 from phijax.weights import load_params, save_params  # noqa: E402
@@ -165,12 +167,10 @@ def test_bad_config_fails_in_one_line_before_reading_tensors(tmp_path, change, k
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     src = save_hf(hf_model(4, 2), tmp_path / "hf")
-    assert read_header(src / "model.safetensors")[1]["model.norm.weight"]["shape"] == [64]
     tensors = {k: v.numpy() for k, v in load_file(src / "model.safetensors").items()}
 
     def rewrite(ts):
-        write_safetensors(src / "model.safetensors", {k: v.shape for k, v in ts.items()},
-                          ts.values(), "F32")
+        save_file(ts, src / "model.safetensors", metadata={"format": "pt"})
 
     rewrite({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match="unexpected tensor model.layers.0.self_attn.rotary_emb"):
@@ -181,4 +181,28 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     rewrite({**tensors, "model.norm.weight": np.ones(63, np.float32)})
     with pytest.raises(ValueError, match=r"model.norm.weight is F32 \[63\], expected \[64\]"):
         from_hf(src, tmp_path / "ckpt")
+    rewrite({**tensors, "model.norm.weight": np.ones(64, np.int32)})
+    with pytest.raises(ValueError, match=r"model.norm.weight is I32 \[64\], expected \[64\]"):
+        from_hf(src, tmp_path / "ckpt")
+    (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-4])
+    with pytest.raises(ValueError) as e:
+        from_hf(src, tmp_path / "ckpt")
+    msg = str(e.value)
+    assert "\n" not in msg and "model.safetensors: not a readable safetensors file" in msg, msg
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_failed_shard_write_leaves_the_old_file(tmp_path, monkeypatch):
+    ckpt = from_hf(save_hf(hf_model(4, 2), tmp_path / "hf"), tmp_path / "ckpt")
+    out = to_hf(ckpt, tmp_path / "back")
+    before = (out / "model.safetensors").read_bytes()
+
+    def half_then_fail(tensors, path, metadata=None):
+        save_file(dict(list(tensors.items())[:2]), path, metadata=metadata)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        to_hf(ckpt, out, dtype="bfloat16")
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -1,17 +1,93 @@
-"""`phijax serve`: the OpenAI-compatible server over a trained tiny run, driven by the official
-`openai` client (and raw HTTP for what a client would refuse to send)."""
+"""`phijax serve`: the batcher on a fake sampler, then the OpenAI-compatible server over a
+trained tiny run, driven by the official `openai` client (and raw HTTP for what a client would
+refuse to send)."""
 import json
 import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import openai  # the dev extra's client, to check wire compatibility
 import pytest
 
 from conftest import ROOT, run_cli
+from phijax.serve import APIError, Batcher
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
+
+
+class FakeSampler:
+    """Answers request r with r.n strings "prompt/k"; a prompt "boom" fails its whole call."""
+
+    max_len = 64
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests):
+        self.calls.append([r.prompt for r in requests])
+        if any(r.prompt == "boom" for r in requests):
+            raise RuntimeError("boom")
+        return [[f"{r.prompt}/{k}" for k in range(r.n)] for r in requests]
+
+
+def job(prompt, n=1):
+    return [SimpleNamespace(prompt=prompt, n=n)]
+
+
+@pytest.fixture
+def batcher():
+    b = Batcher(FakeSampler(), max_batch=4, batch_wait=0.0)
+    yield b
+    b.close()
+
+
+def test_jobs_queued_while_paused_share_one_generate_call(batcher):
+    with batcher.paused():
+        futures = [batcher.enqueue(job(p)) for p in "abc"]
+        assert batcher.wait_queued(3, timeout=60)
+        assert not any(f.done() for f in futures)
+    assert [f.result(timeout=60) for f in futures] == [[["a/0"]], [["b/0"]], [["c/0"]]]
+    assert batcher.sampler.calls == [["a", "b", "c"]]
+    assert batcher.stats() == {"generate_calls": 1, "batched_jobs": 3, "samples": 3,
+                               "largest_batch": 3}
+
+
+def test_a_job_that_overflows_max_batch_opens_the_next_batch(batcher):
+    with batcher.paused():
+        futures = [batcher.enqueue(job(p, n)) for p, n in (("a", 2), ("b", 1), ("c", 2),
+                                                            ("d", 2))]
+        assert batcher.wait_queued(4, timeout=60)
+    assert futures[2].result(timeout=60) == [["c/0", "c/1"]]
+    assert [f.result(timeout=60) for f in futures][3] == [["d/0", "d/1"]]
+    assert batcher.sampler.calls == [["a", "b"], ["c", "d"]]  # at most 4 samples a call
+    assert batcher.stats()["samples"] == 7
+
+
+def test_a_failing_job_fails_alone_and_the_worker_goes_on(batcher):
+    with batcher.paused():
+        futures = [batcher.enqueue(job(p)) for p in ("a", "boom", "c")]
+        assert batcher.wait_queued(3, timeout=60)
+    with pytest.raises(RuntimeError, match="boom"):
+        futures[1].result(timeout=60)
+    assert futures[0].result(timeout=60) == [["a/0"]]
+    assert futures[2].result(timeout=60) == [["c/0"]]
+    # the batch, then each job on its own
+    assert batcher.sampler.calls == [["a", "boom", "c"], ["a"], ["boom"], ["c"]]
+    assert batcher.stats() == {"generate_calls": 4, "batched_jobs": 2, "samples": 2,
+                               "largest_batch": 1}
+    assert batcher.submit(job("e")) == [["e/0"]]
+
+
+def test_closing_refuses_new_jobs(batcher):
+    assert batcher.submit(job("a")) == [["a/0"]]
+    batcher.close()
+    with pytest.raises(APIError, match="shutting down") as e:
+        batcher.submit(job("b"))
+    assert e.value.status == 503 and e.value.type == "server_error"
+    with pytest.raises(ValueError, match="max_batch 0"):
+        Batcher(FakeSampler(), max_batch=0)
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +102,17 @@ def run_dir(tmp_path_factory, cache_dir):
 def server(run_dir):
     from phijax.serve import make_server
 
-    srv = make_server(run_dir, port=0, batch_wait=0.01)
+    srv = make_server(run_dir, port=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=10)
+    # The client's idle keep-alive connections were ended: no handler thread outlives the
+    # server (one that frees the sampler while the interpreter exits aborts the process).
+    handlers = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+    assert not handlers, handlers
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +131,7 @@ def _post(server, path: str, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+@slow
 def test_models_lists_the_run(client, server, run_dir):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny-serve"] == [server.model_name]
@@ -60,6 +141,7 @@ def test_models_lists_the_run(client, server, run_dir):
         client.models.retrieve("gpt-4")
 
 
+@slow
 def test_completion_with_n_logprobs_and_usage(client, server):
     prompt = "def main():\n    "
     out = client.completions.create(model="tiny-serve", prompt=prompt, n=2, max_tokens=8,
@@ -86,6 +168,7 @@ def test_completion_with_n_logprobs_and_usage(client, server):
             assert "".join(lp.tokens) == choice.text
 
 
+@slow
 def test_same_seed_same_completion(client):
     kw = dict(model="tiny-serve", prompt="import os\n", n=2, max_tokens=8, logprobs=0)
     a = client.completions.create(seed=11, **kw)
@@ -98,6 +181,7 @@ def test_same_seed_same_completion(client):
     assert a.choices[0].text != a.choices[1].text  # the n samples differ
 
 
+@slow
 def test_token_prompts_and_several_prompts(client, server):
     ids = server.tokenizer.encode(["The "])[0]
     by_ids = client.completions.create(model="tiny-serve", prompt=ids, max_tokens=4, seed=5)
@@ -112,6 +196,7 @@ def test_token_prompts_and_several_prompts(client, server):
     assert many.choices[0].text == many.choices[1].text
 
 
+@slow
 def test_stop_strings_cut_the_text(client):
     kw = dict(model="tiny-serve", prompt="class ", max_tokens=12, temperature=0)
     full = client.completions.create(**kw).choices[0]
@@ -126,6 +211,7 @@ def test_stop_strings_cut_the_text(client):
     assert one.text == text[:text.index(text[-1])] and one.finish_reason == "stop"
 
 
+@slow
 def test_chat_completion(client, server):
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Write a Python function."}]
@@ -152,19 +238,24 @@ def test_chat_completion(client, server):
     assert parts.usage.completion_tokens <= 3 and parts.choices[0].logprobs is None
 
 
+@slow
 def test_concurrent_requests_are_batched(client, server):
     def ask(i):
         return client.completions.create(model="tiny-serve", prompt=f"x = {i}" + " y" * (i % 5),
                                          n=1 + i % 2, max_tokens=1 + i % 4, temperature=0,
                                          seed=i)
 
-    client.completions.create(model="tiny-serve", prompt="warm", max_tokens=4)  # compiled
-    before = dict(server.stats)
+    before = server.stats
+    # The worker is held until all 32 requests wait: 48 samples, one batch of at most 64.
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(ask, range(32)))
-    calls = server.stats["generate_calls"] - before["generate_calls"]
-    assert server.stats["batched_jobs"] - before["batched_jobs"] == 32
-    assert calls < 32 and server.stats["largest_batch"] > 1, server.stats
+        with server.batcher.paused():
+            futures = [pool.submit(ask, i) for i in range(32)]
+            assert server.batcher.wait_queued(32, timeout=300), server.stats
+        answers = [f.result() for f in futures]
+    after = server.stats
+    assert after["generate_calls"] - before["generate_calls"] == 1, after
+    assert after["batched_jobs"] - before["batched_jobs"] == 32
+    assert after["largest_batch"] == 32
     for i, out in enumerate(answers):
         prompt = f"x = {i}" + " y" * (i % 5)
         assert out.usage.prompt_tokens == len(server.tokenizer.encode([prompt])[0])
@@ -177,6 +268,7 @@ def test_concurrent_requests_are_batched(client, server):
         assert ask(i).choices[0].text == answers[i].choices[0].text
 
 
+@slow
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, server,
                                                                      monkeypatch):
     max_len = server.sampler.max_len
@@ -235,6 +327,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     assert client.completions.create(**ok).usage.completion_tokens <= 2
 
 
+@slow
 def test_sample_cli_prints_n_samples(run_dir):
     out = run_cli("sample", run_dir, "--prompt", "def f(x):", "-n", 3, "--max-new-tokens", 8,
                   "--seed", 1).stdout
