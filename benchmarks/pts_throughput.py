@@ -24,8 +24,9 @@ side is much slower, so it runs the first `--hf-questions` of the questions, sto
 `--hf-seconds` (counted over what it did); ours is also timed on that subset alone (warm),
 which shows how much of the gap is batching across questions.
 
-Default model and questions (no network): the toy arithmetic task. `tools.arith` writes the task
-and `configs/experiments/arith-base.yaml` trains the base model on it, once, cached under
+Default model and questions (no network): the toy arithmetic task.
+`experiments/pts_arith/arith.py` writes the task and `configs/experiments/arith-base.yaml`
+trains the base model on it, once, cached under
 `--cache` (default ~/.cache/phijax/bench-pts, keyed by a hash of those two files; about 7
 minutes of training on 2 CPU cores the first time); the questions are the first `--n-questions`
 of its pts.jsonl. The last stdout line is one JSON object. Target: ours >= 10x transformers.
@@ -46,11 +47,13 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/pts_throughput.py` from anywhere
 
+from experiments.pts_arith.arith import write_task  # noqa: E402
 from phijax.eval.questions import load_questions, prompt_ids  # noqa: E402
 from tools.pts import PTSConfig, run_pts  # noqa: E402
 
 TARGET = 10.0
 ARITH_CONFIG = ROOT / "configs" / "experiments" / "arith-base.yaml"
+ARITH_TASK = ROOT / "experiments" / "pts_arith" / "arith.py"
 DEFAULT_CACHE = Path.home() / ".cache" / "phijax" / "bench-pts"
 
 
@@ -73,18 +76,17 @@ def _complete(run_dir: Path) -> bool:
 
 def arith_task(cache: Path) -> tuple[Path, Path]:
     """(run dir, pts.jsonl) of the toy arithmetic task: written and trained once, then cached."""
-    for path in (ROOT / "tools" / "arith.py", ARITH_CONFIG):
+    for path in (ARITH_TASK, ARITH_CONFIG):
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing; pass --model and --questions")
-    key = hashlib.sha256((ROOT / "tools" / "arith.py").read_bytes()
+    key = hashlib.sha256(ARITH_TASK.read_bytes()
                          + ARITH_CONFIG.read_bytes()).hexdigest()[:12]
     base = cache / f"arith-{key}"
     data, run = base / "data", base / "base"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if not all((data / f).is_file() for f in ("train.jsonl", "pts.jsonl")):
         log(f"writing the arithmetic task to {data}")
-        subprocess.run([sys.executable, "-m", "tools.arith", "--out", str(data)], cwd=ROOT,
-                       env=env, check=True, stdout=sys.stderr)
+        write_task(data)
     if not _complete(run):
         log(f"training the arith base model into {run} (once; cached for later runs)")
         subprocess.run([sys.executable, "-m", "phijax", "train", str(ARITH_CONFIG),
