@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phijax.config import ModelConfig
-from phijax.model import compute_dtype_params, empty_caches, model_from_params
+from phijax.model import decoder_from_params, decoding_params, empty_caches
 from phijax.sharding import RULES
 
 
@@ -160,7 +160,7 @@ def _prefill(cfg, how: Choice, vocab_limit: int, params, prompts, pad, source, s
     (`source`: fan-out, one prefill per prompt), its first token, that token's log-prob, done."""
     b, p = prompts.shape
     positions = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
-    logits, caches = model_from_params(cfg, params).decode(
+    logits, caches = decoder_from_params(cfg, params).decode(
         prompts, positions, empty_caches(cfg, b, p), 0, pad)
     caches = [(jnp.take(ck, source, axis=0), jnp.take(cv, source, axis=0)) for ck, cv in caches]
     logits = _limit(logits[source], vocab_limit)
@@ -182,7 +182,7 @@ def _decode(cfg, how: Choice, vocab_limit: int, params, caches, token, done, t0,
             seeds, draws, temperature, top_k, top_p, row_max_new, stop_ids, length, pad):
     """Up to SEGMENT decode steps t0, t0 + 1, ... (prompts of P = p slots, left-padded by pad):
     the caches, each row's new tokens and log-probs (SEGMENT,) and their count, done."""
-    model = model_from_params(cfg, params)
+    model = decoder_from_params(cfg, params)
     rows = token.shape[0]
     row_keys = _row_keys(seeds, draws)
 
@@ -326,7 +326,7 @@ class Sampler:
         self.cfg, self.mesh = cfg, mesh
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.max_len = cfg.max_position_embeddings
-        self.params = compute_dtype_params(cfg, params)
+        self.params = decoding_params(cfg, params)
 
     def _put(self, *arrays):
         """Row arrays split over the mesh's data axes (where the rows divide evenly)."""

@@ -13,11 +13,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical name -> mesh axis (or axes). Names not listed are replicated.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "length": None,
     "layers": None,
     "embed": "fsdp",
     "vocab": "tensor",
-    "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from phijax.config import ModelConfig
-from phijax.model import empty_caches, init_model, model_from_params, uses_cudnn
+from phijax.model import (decoder_from_params, decoding_params, empty_caches, init_model,
+                          model_from_params, uses_cudnn)
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -138,3 +139,15 @@ def test_model_from_params_round_trips_a_pure_dict():
     model = init_model(CFG, 4)
     again = model_from_params(CFG, nnx.to_pure_dict(nnx.state(model)))
     np.testing.assert_array_equal(again(tokens((1, 8))), model(tokens((1, 8))))
+
+
+def test_the_unstacked_decoder_decodes_like_the_stacked_model():
+    model = init_model(CFG, 4)
+    params = decoding_params(CFG, nnx.to_pure_dict(nnx.state(model)))
+    assert sorted(params["layers"]) == list(range(CFG.num_hidden_layers))
+    decoder = decoder_from_params(CFG, params)
+    args = (tokens((2, 6)), jnp.arange(6)[None].repeat(2, 0))
+    key_start = jnp.zeros(2, jnp.int32)
+    want, _ = model.decode(*args, empty_caches(CFG, 2, 6), 0, key_start)
+    got, _ = decoder.decode(*args, empty_caches(CFG, 2, 6), 0, key_start)
+    np.testing.assert_array_equal(got, want)

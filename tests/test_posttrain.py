@@ -189,9 +189,13 @@ def _logprob(sampler, prompt, completion) -> float:
 
 
 def _next_logits(sampler, ids):
-    """The model's logits for the token after `ids`, from a full forward pass."""
-    from phijax.model import model_from_params
-    return model_from_params(sampler.cfg, sampler.params)(jnp.asarray([ids], jnp.int32))[0, -1]
+    """The logits for the token after `ids` from the sampler's own model: its decode path,
+    prefilling `ids` (the reference log-probs come from the training forward)."""
+    from phijax.model import decoder_from_params, empty_caches
+    model = decoder_from_params(sampler.cfg, sampler.params)
+    logits, _ = model.decode(jnp.asarray([ids], jnp.int32), jnp.arange(len(ids))[None],
+                             empty_caches(sampler.cfg, 1, len(ids)), 0, jnp.zeros(1, jnp.int32))
+    return logits[0]
 
 
 @pytest.mark.slow
