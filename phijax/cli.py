@@ -18,10 +18,10 @@ def _info(args) -> int:
     import numpy as np
     from flax import nnx
 
-    from phijax.model import init_model
+    from phijax.model import abstract_model
 
     cfg = load_config(args.config, args.overrides)
-    abstract = nnx.eval_shape(lambda: init_model(cfg.model, 0))
+    abstract = abstract_model(cfg.model)
     groups: dict[str, int] = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         name = "norms" if path[-1] == "scale" else ".".join(str(p) for p in path)
@@ -179,9 +179,10 @@ def _data_report(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phijax", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+RUN_DIR = "run directory (config.yaml, tokenizer.model, checkpoints/)"
+
+
+def _add_config_commands(sub) -> None:
     for name, fn, help_ in (("train", _train, "train or resume a run"),
                             ("sft", _sft, "fine-tune a checkpoint (run.init_from) on chats"),
                             ("dpo", _dpo, "DPO from a checkpoint on token-id pairs (dpo.pairs)"),
@@ -190,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
         s.set_defaults(fn=fn)
+
+
+def _add_checkpoint_commands(sub) -> None:
     s = sub.add_parser("sample", help="sample completions from a checkpoint (run directory)")
-    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    s.add_argument("ckpt", help=RUN_DIR)
     s.add_argument("--prompt", help="text to continue")
     s.add_argument("--prompt-ids", help="token ids to continue, e.g. 12,7,99 (no tokenizing)")
     s.add_argument("-n", type=int, default=1, help="samples (sharing one prefill)")
@@ -202,11 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_sample)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a checkpoint")
-    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    s.add_argument("ckpt", help=RUN_DIR)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
     s.set_defaults(fn=_serve)
+    s = sub.add_parser("eval", help="accuracy of a checkpoint on a question set")
+    s.add_argument("ckpt", help=RUN_DIR)
+    s.add_argument("--questions", required=True, help="question JSONL (id, kind, prompt, answer)")
+    s.add_argument("--results", help="write per-question results (JSONL) here")
+    s.add_argument("--config", help="YAML of evaluation settings")
+    s.add_argument("overrides", nargs="*", help="temperature=0 samples=1 max_new_tokens=64 "
+                   "seed=0 batch=64 top_p=1.0")
+    s.set_defaults(fn=_eval)
+
+
+def _add_convert_commands(sub) -> None:
     conv = sub.add_parser("convert", help="Hugging Face Phi3ForCausalLM <-> phijax checkpoint")
     conv = conv.add_subparsers(dest="direction", required=True)
     s = conv.add_parser("from-hf", help="HF_DIR (config.json + safetensors) -> run directory")
@@ -219,14 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--max-shard-gb", type=float, default=5.0)
     s.set_defaults(fn=_convert)
-    s = sub.add_parser("eval", help="accuracy of a checkpoint on a question set")
-    s.add_argument("ckpt", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
-    s.add_argument("--questions", required=True, help="question JSONL (id, kind, prompt, answer)")
-    s.add_argument("--results", help="write per-question results (JSONL) here")
-    s.add_argument("--config", help="YAML of evaluation settings")
-    s.add_argument("overrides", nargs="*", help="temperature=0 samples=1 max_new_tokens=64 "
-                   "seed=0 batch=64 top_p=1.0")
-    s.set_defaults(fn=_eval)
+
+
+def _add_data_commands(sub) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
     s = tok.add_parser("train", help="train a sentencepiece BPE tokenizer")
     s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:python-docs")
@@ -250,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mixture", help="mixture YAML, e.g. configs/mixtures/phi-4.yaml")
     s.add_argument("--tokens", type=_token_count, required=True, help="training tokens, e.g. 10T")
     s.set_defaults(fn=_data_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phijax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_config_commands, _add_checkpoint_commands, _add_convert_commands,
+                _add_data_commands):
+        add(sub)
     return p
 
 
@@ -257,7 +276,12 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
              user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Parse `argv`, set up logging and run the chosen command (`args.fn(args)`); a user's
     mistake (ConfigError, ValueError, or one of `user_errors`) becomes one line and exit 2."""
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow the options (`pts RUN Q --out P rollouts=32`).
+    if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, "Unable to initialize backend 'tpu'"

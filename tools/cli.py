@@ -20,9 +20,19 @@ import sys
 from phijax.cli import run_main
 
 
-def _overrides(p: argparse.ArgumentParser, example: str) -> None:
+def _model_command(sub, name: str, help_: str, records: tuple[str, str], out: str, config: str,
+                   example: str) -> argparse.ArgumentParser:
+    """A command over a run directory and a JSONL input, writing `--out`, configured by
+    `--config FILE` and `key=value` overrides."""
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("model", metavar="RUN",
+                   help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+    p.add_argument("records", metavar=records[0], help=records[1])
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--config", help=config)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help=f"dotted config overrides, e.g. {example}")
+    return p
 
 
 # ---------------------------------------------------------------- run
@@ -64,7 +74,8 @@ def _run(args) -> int:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run or resume a teacher pipeline")
     p.add_argument("pipeline", help="pipeline YAML file")
-    _overrides(p, "shards=8 teacher.concurrency=16 stages.0.n=2")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. shards=8 teacher.concurrency=16 stages.0.n=2")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: one process, one async teacher (default); ray: needs ray")
     p.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
@@ -87,7 +98,7 @@ def _pts(args) -> int:
     from tools.pts import PTSConfig, run_pts
 
     cfg = load(PTSConfig, args.config, args.overrides)
-    questions = load_questions(args.questions)
+    questions = load_questions(args.records)
     from phijax.sampling import load_sampler  # JAX only once the inputs are known good
     sampler, tokenizer = load_sampler(args.model)
     pairs, stats = run_pts(sampler, tokenizer, questions, cfg,
@@ -98,13 +109,11 @@ def _pts(args) -> int:
 
 
 def _add_pts(sub) -> None:
-    p = sub.add_parser("pts", help="Pivotal Token Search: single-token DPO pairs")
-    p.add_argument("model", help="run directory (config.yaml, tokenizer.model, checkpoints/)")
-    p.add_argument("questions", help="question JSONL (id, kind, prompt or prompt_ids, answer)")
-    p.add_argument("--out", required=True, help="pairs JSONL, written atomically")
-    p.add_argument("--config", help="YAML of PTS settings")
+    p = _model_command(sub, "pts", "Pivotal Token Search: single-token DPO pairs",
+                       ("QUESTIONS", "question JSONL (id, kind, prompt or prompt_ids, answer)"),
+                       "pairs JSONL, written atomically", "YAML of PTS settings",
+                       "rollouts=64 recheck=256 p_gap=0.2 max_new_tokens=512")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")
-    _overrides(p, "rollouts=64 recheck=256 p_gap=0.2 max_new_tokens=512")
     p.set_defaults(fn=_pts)
 
 
@@ -115,7 +124,7 @@ def _judge(args) -> int:
     from tools.judge import JudgeConfig, run_judge
 
     cfg = load(JudgeConfig, args.config, args.overrides)
-    stats = asyncio.run(run_judge(args.model, args.prompts, args.out, cfg))
+    stats = asyncio.run(run_judge(args.model, args.records, args.out, cfg))
     skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items())
     print(f"judged {stats['prompts']} prompts -> {stats['pairs']} pairs (skipped: {skipped}; "
           f"{stats['teacher_calls']} teacher calls) -> {stats['out']}", file=sys.stderr)
@@ -124,12 +133,11 @@ def _judge(args) -> int:
 
 
 def _add_judge(sub) -> None:
-    p = sub.add_parser("judge", help="judge-guided DPO pairs (two samples, compared by a teacher)")
-    p.add_argument("model", help="run directory of the model being trained")
-    p.add_argument("prompts", help="JSONL prompt records (prompt, prompt_ids or messages)")
-    p.add_argument("--out", required=True, help="JSONL of DPO sequence pairs (token ids)")
-    p.add_argument("--config", help="YAML of judge settings (teacher: {base_url, model, ...})")
-    _overrides(p, "teacher.base_url=http://127.0.0.1:8000/v1 teacher.model=NAME temperature=1.0")
+    p = _model_command(sub, "judge", "judge-guided DPO pairs (two samples, compared by a teacher)",
+                       ("PROMPTS", "JSONL prompt records (prompt, prompt_ids or messages)"),
+                       "JSONL of DPO sequence pairs (token ids)",
+                       "YAML of judge settings (teacher: {base_url, model, ...})",
+                       "teacher.base_url=http://127.0.0.1:8000/v1 teacher.model=NAME")
     p.set_defaults(fn=_judge)
 
 

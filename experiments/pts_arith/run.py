@@ -208,7 +208,7 @@ def run(cfg: ExperimentConfig) -> dict:
         seq = _sequence_pairs(sampler, tokenizer, pts_questions, first, len(pts), cfg)
         write_jsonl(pairs_seq, seq)
         del sampler
-    counts = {name: len(path.read_text().splitlines())
+    counts = {name: sum(1 for _ in read_jsonl(path))
               for name, path in (("pts", pairs_pts), ("sequence", pairs_seq))}
     for name, pairs in (("pts", pairs_pts), ("seq", pairs_seq)):
         _train(cfg.dpo_config, [f"run.init_from={base}", f"dpo.pairs={pairs}",
