@@ -20,8 +20,9 @@ def sha256_hex(data: str | bytes) -> str:
 
 
 def digest(*parts: Any, length: int = 16) -> str:
-    """A short hex key of JSON-able `parts` (cache keys, plan keys, versions)."""
-    return sha256_hex(canonical_json(parts))[:length]
+    """A short hex key of JSON-able `parts` (the keys of tokenizer and token-store caches): the
+    sha256 of their JSON with sorted keys, as cache directories have always been named."""
+    return sha256_hex(json.dumps(parts, sort_keys=True))[:length]
 
 
 def file_sha256(path: str | Path) -> str:

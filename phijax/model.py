@@ -326,17 +326,6 @@ def abstract_model(cfg: ModelConfig) -> Phi:
     return nnx.eval_shape(lambda: init_model(cfg, 0))
 
 
-@functools.lru_cache(maxsize=32)
-def _graphdef(cfg_fields: tuple):
-    return nnx.graphdef(abstract_model(ModelConfig(*cfg_fields)))
-
-
-def model_from_params(cfg: ModelConfig, params) -> Phi:
-    """The model holding `params` (a pure dict, as training and checkpoints keep them); works
-    inside `jax.jit` too."""
-    return nnx.merge(_graphdef(dataclasses.astuple(cfg)), params)
-
-
 def empty_caches(cfg: ModelConfig, b: int, slots: int):
     """Per layer, (keys (b, kv, head_dim, slots), values (b, kv, slots, head_dim)), zeros."""
     kv, d, dt = cfg.num_key_value_heads, cfg.dim_per_head, jnp.dtype(cfg.dtype)
@@ -374,10 +363,10 @@ def decoding_params(cfg: ModelConfig, params) -> dict:
     to the compute dtype once (norm scales stay float32), and the stacked layers split into one
     dict per layer."""
     dt = jnp.dtype(cfg.dtype)
-    params = jax.tree.map(lambda a: a.astype(dt) if a.ndim >= 2 else a, params)
-    layers = {i: jax.tree.map(lambda a: a[i], params["layers"])
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dt) if a.ndim >= 2 else a, tree)
+    layers = {i: cast(jax.tree.map(lambda a: a[i], params["layers"]))
               for i in range(cfg.num_hidden_layers)}
-    return {**params, "layers": layers}
+    return {**cast({k: v for k, v in params.items() if k != "layers"}), "layers": layers}
 
 
 def decoder_from_params(cfg: ModelConfig, params) -> Phi:

@@ -410,3 +410,31 @@ def test_cli_check_and_run_command(server, secret, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["records"] == 5 and len(read_records(tmp_path / "run")) == 5
+
+
+def test_writes_after_a_log_is_rewritten_reach_the_new_file(tmp_path):
+    """Opening folds a Ray shard's logs into done.jsonl / failures.jsonl (appending), then
+    rewrites both (--retry-failed drops the failed marker, and with it the failure): seeds
+    finished afterwards must land in the rewritten files, not in the ones replaced."""
+    write_seeds(tmp_path / "seeds.jsonl", 3)
+    raw = {"teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+           "input": str(tmp_path / "seeds.jsonl"), "output": str(tmp_path / "run"),
+           "stages": [{"type": "prompt", "template": "Q: {question}"}]}
+    pipe = load_pipeline(raw=raw)
+    open_run(pipe)  # creates the run directory and its fingerprint
+    state = tmp_path / "run" / "state"
+    (state / "done-00000.jsonl").write_text('{"seed_id": "a", "status": "failed"}\n')
+    (state / "failures-00000.jsonl").write_text(
+        '{"seed_id": "a", "stage": "prompt", "reason": "boom", "time": "t"}\n')
+    run_dir = RunDir(pipe)
+    try:
+        run_dir.open(retry_failed=True)
+        failure = {"seed_id": "b", "stage": "prompt", "reason": "again", "time": "t"}
+        run_dir.commit([("b", [], failure)], scrub=lambda line: line)
+    finally:
+        run_dir.close()
+    done = [json.loads(l) for l in (state / "done.jsonl").read_text().splitlines()]
+    failures = [json.loads(l) for l in (tmp_path / "run" / "failures.jsonl").read_text()
+                .splitlines()]
+    assert done == [{"seed_id": "b", "status": "failed"}]
+    assert [f["seed_id"] for f in failures] == ["b"]

@@ -221,7 +221,7 @@ class RunDir:
                 raise PipelineError(f"output: {other} belongs to a run with another shard count")
         self.consolidate()
         if retry_failed:
-            _filter_log(self.done_path, lambda o: o.get("status") != "failed")
+            self._filter(self.done_path, lambda o: o.get("status") != "failed")
         self.done = {o["seed_id"]: o["status"] for o in _log(self.done_path)}
         self.records_written = 0
         # Drop outputs of seeds without a done marker (a crash between the two writes),
@@ -244,7 +244,7 @@ class RunDir:
             ok = self.done.get(o.get("seed_id")) == "failed" and o.get("seed_id") not in seen
             seen.add(o.get("seed_id"))
             return ok
-        return _filter_log(self.failures_path, keep)
+        return self._filter(self.failures_path, keep)
 
     def _drop_unmarked_records(self, p: Path) -> int:
         seen: set[str] = set()
@@ -255,7 +255,7 @@ class RunDir:
             seen.add(o.get("id"))
             self.records_written += ok
             return ok
-        return _filter_log(p, keep)
+        return self._filter(p, keep)
 
     def consolidate(self) -> int:
         """Fold the per-shard logs of Ray shard tasks (state/done-0000k.jsonl,
@@ -313,6 +313,14 @@ class RunDir:
         stats["dropped_records"] = self._drop_unmarked_records(mine)
         stats["dropped_failures"] = self._drop_unmarked_failures()
         return stats
+
+    def _filter(self, path: Path, keep: Callable[[dict], bool]) -> int:
+        """`_filter_log`, first closing this run's append handle on `path`: the rewrite puts a
+        new file in its place, and later appends must go to that one."""
+        f = self._files.pop(path, None)
+        if f is not None:
+            f.close()
+        return _filter_log(path, keep)
 
     def _append(self, path: Path, lines: list[str]) -> None:
         f = self._files.get(path)
