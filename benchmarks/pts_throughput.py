@@ -34,7 +34,6 @@ of its pts.jsonl. The last stdout line is one JSON object. Target: ours >= 10x t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/pts_throughput.py` from anyw
 
 from experiments.pts_arith.arith import write_task  # noqa: E402
 from phijax.eval.questions import load_questions, prompt_ids  # noqa: E402
+from phijax.hashing import sha256_hex  # noqa: E402
 from tools.pts import PTSConfig, run_pts  # noqa: E402
 
 TARGET = 10.0
@@ -79,8 +79,7 @@ def arith_task(cache: Path) -> tuple[Path, Path]:
     for path in (ARITH_TASK, ARITH_CONFIG):
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing; pass --model and --questions")
-    key = hashlib.sha256(ARITH_TASK.read_bytes()
-                         + ARITH_CONFIG.read_bytes()).hexdigest()[:12]
+    key = sha256_hex(ARITH_TASK.read_bytes() + ARITH_CONFIG.read_bytes())[:12]
     base = cache / f"arith-{key}"
     data, run = base / "data", base / "base"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -224,7 +223,7 @@ def timed_pts(sampler, tokenizer, questions, cfg, name: str):
     return stats, stats.rollouts, time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     d = PTSConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="run directory (default: the cached arith base model)")
@@ -253,7 +252,29 @@ def main() -> None:
         p.error("give both --model and --questions, or neither (the arith task)")
     if args.hf_questions > args.n_questions:
         p.error("--hf-questions must be at most --n-questions")
+    return args
 
+
+def run_hf(run_dir: Path, sampler, tokenizer, questions, cfg: PTSConfig, args):
+    """The transformers side: (HFSampler, torch threads, stats or None, rollouts, seconds)."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = hf_model(run_dir, Path(tmp))
+    prompts = [prompt_ids(q, tokenizer) for q in questions]
+    hf = HFSampler(model, sampler.max_len, tokenizer.vocab_size, prompts, args.hf_batch,
+                   tokenizer.pad_id)
+    threads = args.hf_threads or pick_threads(hf, prompts[0], cfg, tokenizer)
+    torch.set_num_threads(threads)
+    hf.rows = hf.calls = 0
+    log(f"transformers generate(), batch {args.hf_batch} per prefix, {len(questions)} "
+        f"questions, budget {args.hf_seconds:.0f}s")
+    hf.deadline = time.perf_counter() + args.hf_seconds
+    return (hf, threads, *timed_pts(hf, tokenizer, questions, cfg, "hf"))
+
+
+def main() -> None:
+    args = parse_args()
     if args.model is None:
         run_dir, questions_path = arith_task(Path(args.cache).expanduser())
     else:
@@ -265,42 +286,37 @@ def main() -> None:
     questions = load_questions(questions_path)[:args.n_questions]
     hf_questions = questions[:args.hf_questions]
 
-    import jax
-    import torch
-    import transformers
-
     from phijax.sampling import load_sampler
 
     sampler, tokenizer = load_sampler(run_dir)
     log(f"model {run_dir}: {sampler.cfg.num_hidden_layers} layers, hidden "
         f"{sampler.cfg.hidden_size}; {len(questions)} questions from {questions_path}")
-
     log("ours, cold (JAX compilation included)")
-    cold, cold_n, cold_s = timed_pts(sampler, tokenizer, questions, cfg, "ours cold")
+    cold = timed_pts(sampler, tokenizer, questions, cfg, "ours cold")
     log("ours, warm (the same run again, every shape compiled)")
-    warm, warm_n, warm_s = timed_pts(sampler, tokenizer, questions, cfg, "ours warm")
+    warm = timed_pts(sampler, tokenizer, questions, cfg, "ours warm")
     log(f"ours, warm, on the {len(hf_questions)} questions of the transformers side")
-    sub, sub_n, sub_s = timed_pts(sampler, tokenizer, hf_questions, cfg, "ours subset")
+    sub = timed_pts(sampler, tokenizer, hf_questions, cfg, "ours subset")
+    hf, threads, *hf_run = run_hf(run_dir, sampler, tokenizer, hf_questions, cfg, args)
+    report(args, cfg, run_dir, questions_path, len(questions), len(hf_questions), cold, warm,
+           sub, hf_run, hf.calls, threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = hf_model(run_dir, Path(tmp))
-    prompts = [prompt_ids(q, tokenizer) for q in hf_questions]
-    hf = HFSampler(model, sampler.max_len, tokenizer.vocab_size, prompts, args.hf_batch,
-                   tokenizer.pad_id)
-    threads = args.hf_threads or pick_threads(hf, prompts[0], cfg, tokenizer)
-    torch.set_num_threads(threads)
-    hf.rows = hf.calls = 0
-    log(f"transformers generate(), batch {args.hf_batch} per prefix, {len(hf_questions)} "
-        f"questions, budget {args.hf_seconds:.0f}s")
-    hf.deadline = time.perf_counter() + args.hf_seconds
-    hf_stats, hf_n, hf_s = timed_pts(hf, tokenizer, hf_questions, cfg, "hf")
 
+def report(args, cfg: PTSConfig, run_dir, questions_path, n_questions: int, n_hf: int,
+           cold, warm, sub, hf_run, hf_calls: int, threads: int) -> None:
+    """Print the table, the summary lines and the JSON line."""
+    import jax
+    import torch
+    import transformers
+
+    (cold, cold_n, cold_s), (_, warm_n, warm_s), (_, sub_n, sub_s) = cold, warm, sub
+    hf_stats, hf_n, hf_s = hf_run
     rate = lambda n, s: round(n / s, 1) if s else 0.0
     ours, ours_warm, hf_rate = rate(cold_n, cold_s), rate(warm_n, warm_s), rate(hf_n, hf_s)
     ratio = lambda a: round(a / hf_rate, 2) if hf_rate else None
     result = {
         "bench": "pts_throughput", "model": str(run_dir), "questions": str(questions_path),
-        "n_questions": len(questions), "hf_questions": len(hf_questions),
+        "n_questions": n_questions, "hf_questions": n_hf,
         "rollouts": cfg.rollouts, "recheck": cfg.recheck, "p_gap": cfg.p_gap,
         "p_min": cfg.p_min, "p_max": cfg.p_max, "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_rows": cfg.batch_rows,
@@ -315,7 +331,7 @@ def main() -> None:
         "pts_calls": cold.calls, "pts_rounds": cold.rounds, "pts_prefixes": cold.prefixes,
         "pts_searched": cold.searched, "pts_candidates": cold.candidates,
         "pts_kept": cold.kept, "pts_pairs": cold.pairs,
-        "hf_rollouts": hf_n, "hf_seconds": round(hf_s, 2), "hf_generate_calls": hf.calls,
+        "hf_rollouts": hf_n, "hf_seconds": round(hf_s, 2), "hf_generate_calls": hf_calls,
         "hf_completed": hf_stats is not None,
         "hf_prefixes": hf_stats.prefixes if hf_stats else None,
         "hf_searched": hf_stats.searched if hf_stats else None,
@@ -323,11 +339,11 @@ def main() -> None:
         "transformers": transformers.__version__,
     }
     hf_what = ("completed" if hf_stats else f"stopped at the {args.hf_seconds:.0f}s budget")
-    rows = [(f"ours, {len(questions)} questions, cold (compile included)", cold_n, cold_s, ours),
+    rows = [(f"ours, {n_questions} questions, cold (compile included)", cold_n, cold_s, ours),
             ("  same, warm (compiled)", warm_n, warm_s, ours_warm),
-            (f"  same, warm, first {len(hf_questions)} questions only", sub_n, sub_s,
+            (f"  same, warm, first {n_hf} questions only", sub_n, sub_s,
              result["pts_subset_rollouts_per_s_warm"]),
-            (f"transformers generate() x{args.hf_batch}, {len(hf_questions)} questions, "
+            (f"transformers generate() x{args.hf_batch}, {n_hf} questions, "
              f"{threads} thr, {hf_what}", hf_n, hf_s, hf_rate)]
     print(f"\n{'run':<66} {'rollouts':>9} {'seconds':>8} {'rollouts/s':>11}")
     for name, n, seconds, r in rows:
@@ -336,7 +352,7 @@ def main() -> None:
           f"in {cold.rounds} rounds ({cold.calls} sampler calls), {cold.pairs} pairs; "
           f"compilation ~{result['pts_compile_s']:.1f}s")
     print(f"ratio ours / transformers: {result['ratio']} cold, {result['ratio_warm']} warm, "
-          f"{result['ratio_subset_warm']} on the same {len(hf_questions)} questions warm "
+          f"{result['ratio_subset_warm']} on the same {n_hf} questions warm "
           f"(target >= {TARGET})")
     print(json.dumps(result))
 

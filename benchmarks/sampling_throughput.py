@@ -83,8 +83,6 @@ def main() -> None:
     p.add_argument("--fan-new", type=int, default=64)
     args = p.parse_args()
 
-    import torch
-
     cfg = load_config(args.config, [])
     params = nnx.to_pure_dict(nnx.state(init_model(cfg.model, 0)))
     sampler = Sampler(cfg.model, params)
@@ -93,6 +91,21 @@ def main() -> None:
     requests = [Request(row.tolist(), max_new_tokens=args.new, temperature=1.0, seed=i)
                 for i, row in enumerate(prompts)]
     ours_s = best_time(lambda: sampler.generate(requests), args.repeats)
+    hf_s = time_hf(cfg, params, prompts, args)
+
+    fan_prompt = rng.integers(0, cfg.model.vocab_size, args.fan_prompt).tolist()
+    fan = [Request(fan_prompt, n=args.fan_n, max_new_tokens=args.fan_new, seed=1)]
+    shared_s = best_time(lambda: sampler.generate(fan), args.repeats)
+    separate_s = best_time(lambda: sampler.generate(fan, share_prefix=False), args.repeats)
+
+    peak = measure_matmul_peak(n=4096, reps=3, tries=3)
+    floor_s = matmul_flops(cfg.model, args.batch, args.prompt, args.new) / peak
+    report(args, ours_s, hf_s, shared_s, separate_s, peak, floor_s)
+
+
+def time_hf(cfg, params, prompts, args) -> float:
+    """Best seconds of transformers' `generate()` on the same prompts and lengths."""
+    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         model = hf_model(cfg, params, Path(tmp))
@@ -107,15 +120,12 @@ def main() -> None:
         assert out.shape == (args.batch, args.prompt + args.new)
 
     torch.manual_seed(0)
-    hf_s = best_time(hf_generate, args.repeats)
+    return best_time(hf_generate, args.repeats)
 
-    fan_prompt = rng.integers(0, cfg.model.vocab_size, args.fan_prompt).tolist()
-    fan = [Request(fan_prompt, n=args.fan_n, max_new_tokens=args.fan_new, seed=1)]
-    shared_s = best_time(lambda: sampler.generate(fan), args.repeats)
-    separate_s = best_time(lambda: sampler.generate(fan, share_prefix=False), args.repeats)
 
-    peak = measure_matmul_peak(n=4096, reps=3, tries=3)
-    floor_s = matmul_flops(cfg.model, args.batch, args.prompt, args.new) / peak
+def report(args, ours_s, hf_s, shared_s, separate_s, peak, floor_s) -> None:
+    """Print the table, the ratio lines and the JSON line."""
+    import torch
 
     new_tokens = args.batch * args.new
     fan_tokens = args.fan_n * args.fan_new

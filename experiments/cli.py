@@ -1,4 +1,4 @@
-"""`phijax-experiment`: the shipped reproductions, one command each.
+"""phijax-experiment: the shipped reproductions, one command each.
 
     pts-arith   PTS-DPO against sequence DPO on arithmetic word problems (CONFIG [key=value ...])
     arith-data  write the arithmetic task's train / held-out / validation / PTS files

@@ -1,9 +1,4 @@
-"""`phijax` command line: train | sft | dpo | info | sample | serve | convert | eval | tokenizer | data.
-
-Every command of phijax and its tools runs through `run_main`: logging to stderr, and a user's
-mistake (a bad config key, a missing file, a malformed record) printed as one line
-`PROG: error: ...` with exit status 2, before anything is compiled or sent over the network.
-"""
+"""phijax: train, post-train, sample, serve, convert and evaluate Phi models in JAX."""
 from __future__ import annotations
 
 import argparse
@@ -272,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every console script of phijax and its tools runs through `run_main`: logging to stderr, and a
+# user's mistake printed as one line `PROG: error: ...` with exit status 2.
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
              user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Parse `argv`, set up logging and run the chosen command (`args.fn(args)`); a user's

@@ -27,11 +27,10 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------- declaring checks
 
-def ranged(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None,
-           factory: Any = dataclasses.MISSING) -> Any:
+def ranged(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None) -> Any:
     """A dataclass field whose value (when not None) must lie in the given bounds."""
     bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
-    return field(default=default, default_factory=factory, metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds})
 
 
 def positive(default: Any = dataclasses.MISSING) -> Any:
@@ -39,9 +38,9 @@ def positive(default: Any = dataclasses.MISSING) -> Any:
     return ranged(default, gt=0)
 
 
-def one_of(default: Any, *choices: Any) -> Any:
-    """A dataclass field whose value must be one of `choices`."""
-    return field(default=default, metadata={"choices": choices})
+def one_of(*choices: Any) -> Any:
+    """A dataclass field whose value must be one of `choices`; the first is the default."""
+    return field(default=choices[0], metadata={"choices": choices})
 
 
 def _num(x) -> str:
@@ -196,7 +195,7 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
         if last:
             node[part] = value
         else:
-            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+            if isinstance(node, dict) and node.get(part) is None:
                 node[part] = {}
             node = node[part]
 
@@ -258,10 +257,10 @@ class ModelConfig:
     max_position_embeddings: int = positive(4096)
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    dtype: str = one_of("float32", "float32", "bfloat16")  # compute dtype; params are float32
-    remat: str = one_of("none", "none", "full", "dots", "dots_no_batch")
+    dtype: str = one_of("float32", "bfloat16")  # compute dtype; params are float32
+    remat: str = one_of("none", "full", "dots", "dots_no_batch")
     scan_layers: bool = True
-    attention: str = one_of("xla", "xla", "cudnn")  # cudnn: GPU + bfloat16 only; xla elsewhere
+    attention: str = one_of("xla", "cudnn")  # cudnn: GPU + bfloat16 only; xla elsewhere
 
     @property
     def dim_per_head(self) -> int:
@@ -305,7 +304,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/phijax"
     seq_len: int = positive(64)
     document_mask: bool = True
-    packing: str = one_of("windows", "windows", "documents")  # documents: whole (SFT)
+    packing: str = one_of("windows", "documents")  # documents: whole (SFT)
     eval_fraction: float = ranged(0.02, ge=0, lt=1)
     seed: int = 0
     prefetch: int = 2
@@ -337,14 +336,14 @@ class DPOConfig:
     reference: Optional[str] = None  # run directory of the reference model; default run.init_from
     beta: float = positive(0.1)
     label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # conservative DPO: P(label flipped)
-    loss: str = one_of("sigmoid", "sigmoid", "ipo")
+    loss: str = one_of("sigmoid", "ipo")
     rpo_alpha: float = ranged(0.0, ge=0)  # + alpha * NLL of chosen per token (RPO)
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    distributed: str = one_of("auto", "auto", "on", "off")
+    distributed: str = one_of("auto", "on", "off")
     init_from: Optional[str] = None  # run directory whose latest params start a new run (SFT, DPO)
 
 

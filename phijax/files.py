@@ -80,6 +80,22 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
+def read_text_records(path: str | Path, text_field: str, required: tuple[str, ...] = (),
+                      nullable: bool = False) -> list[dict]:
+    """The records of a JSONL file, each holding a string `text_field` (or null, when
+    `nullable`) and the `required` fields; ConfigError naming `file:line` for the first that
+    does not."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        for name in (text_field, *required):
+            if name not in rec:
+                raise ConfigError(f"{path}:{lineno}: no field {name!r}")
+        if not isinstance(rec[text_field], str) and not (nullable and rec[text_field] is None):
+            raise ConfigError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        out.append(rec)
+    return out
+
+
 def jsonl_line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 

@@ -11,8 +11,7 @@ import numpy as np
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def sha256_hex(data: str | bytes) -> str:

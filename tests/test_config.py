@@ -76,3 +76,7 @@ def test_cli_reports_one_line_before_compiling():
     out = run_cli("train", TINY, "mesh.fsdp=2", devices=1, check=False)
     assert out.returncode == 2
     assert "does not match the 1 available devices" in out.stderr.strip().splitlines()[-1]
+
+
+def test_override_below_a_value_is_an_error():
+    assert error("train.steps.x=1") == "override train.steps.x: train.steps is not a section"

@@ -1,4 +1,4 @@
-"""Pivotal Token Search (tools/pts.py): Algorithm 1 against exact success probabilities with
+"""Pivotal Token Search (tools/pts/): Algorithm 1 against exact success probabilities with
 planted jumps, the log-prob split, memoized and batched estimates, the p-range filter, the
 re-check, pair choice, and the CLI end to end over a tiny real checkpoint."""
 import json

@@ -1,4 +1,4 @@
-"""`phijax-tools`: offline data preparation around phijax.
+"""phijax-tools: offline data preparation around phijax.
 
     run       run or resume a teacher pipeline (PIPELINE.yaml [key=value ...])
     pts       Pivotal Token Search: single-token DPO pairs from a checkpoint's rollouts
@@ -7,9 +7,10 @@
     decontam  n-gram decontamination against eval sets: build | filter
     quality   the non-LLM quality classifier: train | eval | score
 
-Commands that take a config (run, pts, judge) read their settings as `key=value` overrides of
-typed config fields, as `phijax train` does; handlers import their libraries lazily.
+Commands that take a config (run, pts, judge) read their settings as `key=value` overrides, as
+`phijax train` does.
 """
+# Handlers import their libraries when they run, so `--help` and argument errors are fast.
 from __future__ import annotations
 
 import argparse
@@ -98,6 +99,7 @@ def _pts(args) -> int:
     from tools.pts import PTSConfig, run_pts
 
     cfg = load(PTSConfig, args.config, args.overrides)
+    cfg.validate()
     questions = load_questions(args.records)
     from phijax.sampling import load_sampler  # JAX only once the inputs are known good
     sampler, tokenizer = load_sampler(args.model)
@@ -148,17 +150,30 @@ def _print_report(report: dict) -> int:
     return 0
 
 
-def _seeds(args) -> int:
-    from tools.seeds import run_command
-    return _print_report(run_command(args))
+def _seeds_chunk(args) -> int:
+    from tools.seeds import chunk_file
+    return _print_report(chunk_file(args.input, args.output, args.field, args.id_field,
+                                    args.max_tokens))
+
+
+def _seeds_code(args) -> int:
+    from tools.seeds import code_file
+    return _print_report(code_file(args.input, args.output, args.source_field, args.path_field,
+                                   args.max_tokens))
+
+
+def _seeds_dedup(args) -> int:
+    from tools.seeds import dedup_file
+    return _print_report(dedup_file(args.input, args.output, args.field, args.threshold))
 
 
 def _add_seeds(sub) -> None:
     cmds = sub.add_parser("seeds", help="seed records: chunk documents, cut code, deduplicate"
                           ).add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("chunk", "split each record's text into chunks within a token budget"),
-                        ("code", "cut source files into functions and classes"),
-                        ("dedup", "drop exact and near-duplicate records (MinHash)")):
+    for name, fn, help_ in (
+            ("chunk", _seeds_chunk, "split each record's text into chunks within a token budget"),
+            ("code", _seeds_code, "cut source files into functions and classes"),
+            ("dedup", _seeds_dedup, "drop exact and near-duplicate records (MinHash)")):
         s = cmds.add_parser(name, help=help_)
         s.add_argument("input", help="JSONL records")
         s.add_argument("output", help="JSONL records, written atomically")
@@ -173,12 +188,19 @@ def _add_seeds(sub) -> None:
             s.add_argument("--path-field", default="path")
         if name == "dedup":
             s.add_argument("--threshold", type=float, default=0.8)
-        s.set_defaults(fn=_seeds)
+        s.set_defaults(fn=fn)
 
 
-def _decontam(args) -> int:
-    from tools.decontam import run_command
-    return _print_report(run_command(args))
+def _decontam_build(args) -> int:
+    from tools.decontam import build_index
+    return _print_report(build_index(args.evals, args.out, args.text_field, args.whitelist,
+                                     args.max_items_per_ngram, args.threshold))
+
+
+def _decontam_filter(args) -> int:
+    from tools.decontam import filter_file
+    return _print_report(filter_file(args.input, args.index, args.output, args.removed,
+                                     args.text_field))
 
 
 def _add_decontam(sub) -> None:
@@ -191,19 +213,32 @@ def _add_decontam(sub) -> None:
     b.add_argument("--whitelist", help="text file, one common phrase per line")
     b.add_argument("--max-items-per-ngram", type=int, default=10)
     b.add_argument("--threshold", type=float, default=0.5)
+    b.set_defaults(fn=_decontam_build)
     f = cmds.add_parser("filter", help="drop contaminated records from a JSONL file")
     f.add_argument("input")
     f.add_argument("--index", required=True)
     f.add_argument("--output", required=True)
     f.add_argument("--removed", help="also write removed records (with their hit) here")
     f.add_argument("--text-field", default="text")
-    for s in (b, f):
-        s.set_defaults(fn=_decontam)
+    f.set_defaults(fn=_decontam_filter)
 
 
-def _quality(args) -> int:
-    from tools.quality import run_command
-    return run_command(args)
+def _quality_train(args) -> int:
+    from tools.quality import train_file
+    train_file(args.data, args.out, args.holdout, args.seed, args.text_field, args.label_field)
+    return 0
+
+
+def _quality_eval(args) -> int:
+    from tools.quality import eval_file
+    eval_file(args.model, args.data, args.text_field, args.label_field)
+    return 0
+
+
+def _quality_score(args) -> int:
+    from tools.quality import score_file
+    score_file(args.model, args.input, args.output, args.text_field)
+    return 0
 
 
 def _add_quality(sub) -> None:
@@ -214,17 +249,20 @@ def _add_quality(sub) -> None:
     t.add_argument("--out", required=True, help="model file (.npz)")
     t.add_argument("--holdout", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_quality_train)
     e = cmds.add_parser("eval", help="accuracy and Cohen's kappa against held-out labels")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
+    e.set_defaults(fn=_quality_eval)
     s = cmds.add_parser("score", help="P(high quality) per record, written as its `quality` field")
     s.add_argument("--model", required=True)
     s.add_argument("--input", required=True)
     s.add_argument("--output", required=True)
+    s.set_defaults(fn=_quality_score)
     for c in (t, e, s):
         c.add_argument("--text-field", default="text")
+    for c in (t, e):
         c.add_argument("--label-field", default="score")
-        c.set_defaults(fn=_quality)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ records in vectorised batches (`Index.check_many`; `decontaminate` batches for y
     for record in clean: ...                  # report is final once `clean` is exhausted
     print(report.as_dict())
 
-Command line: `phijax-tools decontam build|filter ...` (see `run_command`).
+Command line: `phijax-tools decontam build|filter ...` (`build_index`, `filter_file`).
 """
 from __future__ import annotations
 
@@ -352,39 +352,29 @@ def decontaminate(records: Iterable[dict], index: Index, text_field: str = "text
     return run(), report
 
 
-def _build(args) -> dict:
-    wl = Path(args.whitelist).read_text().splitlines() if args.whitelist else None
-    index = Index.build(args.evals, wl, text_field=args.text_field or "text",
-                        max_items_per_ngram=args.max_items_per_ngram, threshold=args.threshold)
-    index.save(args.out)
+def build_index(evals: list[str], out: str, text_fields: list[str] | None = None,
+                whitelist: str | None = None, max_items_per_ngram: int = 10,
+                threshold: float = 0.5) -> dict:
+    """Index the eval JSONL files (their `text_fields`, default text; `whitelist`: a text file
+    of common phrases, one per line) and save the index to `out`; returns `Index.info`."""
+    wl = Path(whitelist).read_text().splitlines() if whitelist else None
+    index = Index.build(evals, wl, text_field=text_fields or "text",
+                        max_items_per_ngram=max_items_per_ngram, threshold=threshold)
+    index.save(out)
     return index.info
 
 
-def _filter(args) -> dict:
-    index = Index.load(args.index)
-    records = (rec for _, rec in read_jsonl(args.input))
-    side = atomic_open(args.removed, "w") if args.removed else contextlib.nullcontext()
-    with side as removed:
+def filter_file(input: str, index: str, output: str, removed: str | None = None,
+                text_field: str = "text") -> dict:
+    """Write the records of `input` that do not hit the saved `index` to `output` (and the
+    removed ones, each with its hit under `decontam`, to `removed`); returns the report."""
+    idx = Index.load(index)
+    records = (rec for _, rec in read_jsonl(input))
+    side = atomic_open(removed, "w") if removed else contextlib.nullcontext()
+    with side as removed_file:
         def on_hit(rec: dict, hit: Hit) -> None:
-            removed.write(jsonl_line({**rec, "decontam": dataclasses.asdict(hit)}))
-        clean, report = decontaminate(records, index, args.text_field,
-                                      on_hit=on_hit if removed else None)
-        write_jsonl(args.output, clean)
+            removed_file.write(jsonl_line({**rec, "decontam": dataclasses.asdict(hit)}))
+        clean, report = decontaminate(records, idx, text_field,
+                                      on_hit=on_hit if removed_file else None)
+        write_jsonl(output, clean)
     return report.as_dict()
-
-
-def run_command(args) -> dict:
-    """`phijax-tools decontam build|filter`: the report.
-
-    * build (`EVALS...`, `--out`, `--text-field` (repeatable), `--whitelist` (a text file, one
-      phrase per line), `--max-items-per-ngram`, `--threshold`): index the eval JSONL files and
-      save the index; the report is `Index.info`.
-    * filter (`INPUT`, `--index`, `--output`, `--removed`, `--text-field`): write the records of
-      INPUT that do not hit the index to `--output` (and the removed ones, each with its hit
-      under `decontam`, to `--removed`); the report is `Report.as_dict()`.
-    """
-    if args.cmd == "build":
-        return _build(args)
-    if args.cmd == "filter":
-        return _filter(args)
-    raise ValueError(f"unknown decontam command {args.cmd!r}")

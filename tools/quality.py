@@ -51,11 +51,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.murmurhash import murmurhash3_32
 
-from phijax.files import atomic_open, read_jsonl, write_jsonl
+from phijax.files import atomic_open, read_text_records, write_jsonl
 from phijax.hashing import mix64
-
-__all__ = ["SCORE_PROMPT", "parse_score", "QualityConfig", "QualityClassifier", "featurize",
-           "keep", "agreement", "print_agreement", "run_command"]
 
 # The teacher prompt lives in tools/templates/quality_score.txt (one source of truth: the
 # `quality_label` stage in tools.stages renders the same file).
@@ -260,74 +257,53 @@ def print_agreement(stats: dict, name: str = "held-out", file=None) -> None:
           f"teacher={stats['keep_rate_teacher']:.3f}", file=file or sys.stdout)
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- files
 
-def _read_records(path, text_field: str, label_field: str | None = None) -> list[dict]:
-    """The records of a JSONL file; ValueError naming `file:line` for a record without one of
-    the fields or with a text that is not a string."""
-    records = []
-    for lineno, rec in read_jsonl(path):
-        for name in (text_field, label_field):
-            if name is not None and name not in rec:
-                raise ValueError(f"{path}:{lineno}: bad record (no field {name!r})")
-        if not isinstance(rec[text_field], str):
-            raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        records.append(rec)
-    return records
+def score_file(model: str, input: str, output: str, text_field: str = "text") -> int:
+    """Each record of `input` with its P(high quality) as its `quality` field (rounded to 6
+    digits), written atomically."""
+    clf = QualityClassifier.load(model)
+    records = read_text_records(input, text_field)
+    scores = clf.score([r[text_field] for r in records])
+    write_jsonl(output, ({**r, "quality": round(float(s), 6)} for r, s in zip(records, scores)))
+    print(f"scored {len(records)} documents -> {output}")
+    return len(records)
 
 
-def _score(args) -> int:
-    clf = QualityClassifier.load(args.model)
-    records = _read_records(args.input, args.text_field)
-    scores = clf.score([r[args.text_field] for r in records])
-    write_jsonl(args.output, ({**r, "quality": round(float(s), 6)}
-                              for r, s in zip(records, scores)))
-    print(f"scored {len(records)} documents -> {args.output}")
-    return 0
-
-
-def _labelled(args) -> tuple[list[str], np.ndarray]:
-    """The texts with a score of `args.data` and their scores; raw teacher replies are parsed,
-    records whose score is missing or unparsable are skipped (and counted on stderr)."""
-    records = _read_records(args.data, args.text_field, args.label_field)
-    raw = [r[args.label_field] for r in records]
+def labelled(data: str, text_field: str = "text",
+             label_field: str = "score") -> tuple[list[str], np.ndarray]:
+    """The texts with a score in JSONL file `data` and their scores; raw teacher replies are
+    parsed, records whose score is missing or unparsable are skipped (and counted on stderr)."""
+    records = read_text_records(data, text_field, required=(label_field,))
+    raw = [r[label_field] for r in records]
     raw = [parse_score(v) if isinstance(v, str) else v for v in raw]
-    texts = [r[args.text_field] for r, v in zip(records, raw) if v is not None]
+    texts = [r[text_field] for r, v in zip(records, raw) if v is not None]
     labels = np.array([v for v in raw if v is not None])
     if len(labels) < len(raw):
         print(f"skipped {len(raw) - len(labels)} records without a score", file=sys.stderr)
     return texts, labels
 
 
-def _train(args, texts: list[str], labels: np.ndarray) -> int:
-    order = np.random.default_rng(args.seed).permutation(len(texts))
-    n_hold = int(round(len(texts) * args.holdout))
+def train_file(data: str, out: str, holdout: float = 0.1, seed: int = 0,
+               text_field: str = "text", label_field: str = "score") -> QualityClassifier:
+    """Fit on the labelled records of `data` but a seeded `holdout` share, save the model to
+    `out`, print the held-out agreement."""
+    texts, labels = labelled(data, text_field, label_field)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_hold = int(round(len(texts) * holdout))
     hold, fit = order[:n_hold], order[n_hold:]
-    clf = QualityClassifier.train([texts[i] for i in fit], labels[fit], seed=args.seed)
-    clf.save(args.out)
-    print(f"trained on {len(fit)} documents -> {args.out}")
+    clf = QualityClassifier.train([texts[i] for i in fit], labels[fit], seed=seed)
+    clf.save(out)
+    print(f"trained on {len(fit)} documents -> {out}")
     if n_hold:
         print_agreement(agreement(clf.score([texts[i] for i in hold]), labels[hold]))
-    return 0
+    return clf
 
 
-def run_command(args) -> int:
-    """`phijax-tools quality train|eval|score`: prints its report lines, returns the exit code.
-
-    * train (`--data`, `--out`, `--holdout`, `--seed`): fit on the labelled records except a
-      seeded held-out share, save the model, print the held-out agreement.
-    * eval (`--model`, `--data`): the agreement of a saved model with the labels.
-    * score (`--model`, `--input`, `--output`): each record with its P(high quality) as its
-      `quality` field (rounded to 6 digits), written atomically.
-    """
-    if args.cmd == "score":
-        return _score(args)
-    if args.cmd not in ("train", "eval"):
-        raise ValueError(f"unknown quality command {args.cmd!r}")
-    texts, labels = _labelled(args)
-    if args.cmd == "train":
-        return _train(args, texts, labels)
-    clf = QualityClassifier.load(args.model)
-    print_agreement(agreement(clf.score(texts), labels,
-                              label_threshold=clf.config.label_threshold))
-    return 0
+def eval_file(model: str, data: str, text_field: str = "text", label_field: str = "score") -> dict:
+    """Print and return the agreement of a saved model with the labels of `data`."""
+    texts, labels = labelled(data, text_field, label_field)
+    clf = QualityClassifier.load(model)
+    stats = agreement(clf.score(texts), labels, label_threshold=clf.config.label_threshold)
+    print_agreement(stats)
+    return stats

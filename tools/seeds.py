@@ -7,7 +7,8 @@
 * `dedup(records)` -- exact (normalised-text hash) and near-duplicate (MinHash LSH) removal,
   keeping the first occurrence.
 
-Command line (seed extraction on its own, JSONL in and out; see `run_command`)::
+Command line (seed extraction on its own, JSONL in and out: `chunk_file`, `code_file`,
+`dedup_file`)::
 
     phijax-tools seeds chunk IN.jsonl OUT.jsonl [--field text] [--max-tokens 512]
     phijax-tools seeds code  IN.jsonl OUT.jsonl [--source-field text] [--path-field path]
@@ -41,11 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from phijax.files import read_jsonl, write_jsonl
+from phijax.files import read_jsonl, read_text_records, write_jsonl
 from phijax.hashing import sha256_hex
-
-__all__ = ["chunk_document", "count_words", "CodeUnit", "code_units", "language_of",
-           "forum_questions", "normalise_text", "DedupReport", "dedup", "run_command"]
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -392,63 +390,39 @@ def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
     return kept, report
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- files
 
-def _records(path, text_field: str, nullable: bool = True) -> list[dict]:
-    """The records of JSONL file `path`; ValueError naming `file:line` for a record whose
-    `text_field` is missing or not a string (null allowed when `nullable`: no text)."""
-    out = []
-    for lineno, rec in read_jsonl(path):
-        if text_field not in rec:
-            raise ValueError(f"{path}:{lineno}: no field {text_field!r}")
-        if not isinstance(rec[text_field], str) and not (nullable and rec[text_field] is None):
-            raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        out.append(rec)
-    return out
-
-
-def _chunk(records: list[dict], field: str, id_field: str, max_tokens: int) -> list[dict]:
+def chunk_file(input: str, output: str, field: str = "text", id_field: str = "id",
+               max_tokens: int = 512) -> dict:
+    """Each record's `field` split by `chunk_document` (words as tokens): one record per
+    chunk, other fields kept, id `<id>/chunk/<i>` (the record's index when it has no
+    `id_field`), plus `source_id` and `chunk_index`; written atomically."""
+    records = read_text_records(input, field, nullable=True)
     out = []
     for n, rec in enumerate(records):
         rid = rec.get(id_field, n)
         for i, chunk in enumerate(chunk_document(rec[field] or "", max_tokens=max_tokens)):
             out.append(dict(rec, **{id_field: f"{rid}/chunk/{i}", field: chunk},
                             source_id=rid, chunk_index=i))
-    return out
+    write_jsonl(output, out)
+    return {"records": len(records), "chunks": len(out)}
 
 
-def run_command(args) -> dict:
-    """`phijax-tools seeds chunk|code|dedup IN.jsonl OUT.jsonl [options]`: the report.
+def code_file(input: str, output: str, source_field: str = "text", path_field: str = "path",
+              max_tokens: int = 512) -> dict:
+    """Records holding a source file (and its path, "unknown" when absent) -> one
+    `CodeUnit.to_record()` per function, class or block; written atomically."""
+    records = read_text_records(input, source_field, nullable=True)
+    out = [u.to_record() for rec in records
+           for u in code_units(rec[source_field] or "", str(rec.get(path_field) or "unknown"),
+                               max_tokens=max_tokens)]
+    write_jsonl(output, out)
+    return {"files": len(records), "units": len(out)}
 
-    * chunk: each record's `--field` (default text) split by `chunk_document` (`--max-tokens`,
-      words); one record per chunk, other fields kept, id `<id>/chunk/<i>` (`--id-field`,
-      default id; the record's index when absent), plus `source_id` and `chunk_index`.
-      Report: records, chunks.
-    * code: records with a source file (`--source-field`, default text) and its `--path-field`
-      (default path; "unknown" when absent) -> one `CodeUnit.to_record()` per unit.
-      Report: files, units.
-    * dedup: drop exact and near duplicates of `--field` (`--threshold`, default 0.8), keeping
-      the first. Report: `DedupReport.as_dict()`.
 
-    The output is written atomically; a record without the text field raises ValueError
-    naming its file and line.
-    """
-    if args.cmd == "chunk":
-        records = _records(args.input, args.field)
-        out = _chunk(records, args.field, args.id_field, args.max_tokens)
-        write_jsonl(args.output, out)
-        return {"records": len(records), "chunks": len(out)}
-    if args.cmd == "code":
-        records = _records(args.input, args.source_field)
-        out = [u.to_record() for rec in records
-               for u in code_units(rec[args.source_field] or "",
-                                   str(rec.get(args.path_field) or "unknown"),
-                                   max_tokens=args.max_tokens)]
-        write_jsonl(args.output, out)
-        return {"files": len(records), "units": len(out)}
-    if args.cmd == "dedup":
-        records = _records(args.input, args.field, nullable=False)
-        kept, report = dedup(records, text_key=args.field, threshold=args.threshold)
-        write_jsonl(args.output, kept)
-        return report.as_dict()
-    raise ValueError(f"unknown seeds command {args.cmd!r}")
+def dedup_file(input: str, output: str, field: str = "text", threshold: float = 0.8) -> dict:
+    """The records of `input` without exact and near duplicates of `field` (the first kept),
+    written atomically; returns `DedupReport.as_dict()`."""
+    kept, report = dedup(read_text_records(input, field), text_key=field, threshold=threshold)
+    write_jsonl(output, kept)
+    return report.as_dict()

@@ -55,7 +55,7 @@ class ScoringConfig:
     temperature: float = positive(1.0)
     samples: int = positive(4)
     max_new_tokens: int = positive(64)
-    split: str = one_of("heldout", "heldout", "valid")  # valid: for choosing settings
+    split: str = one_of("heldout", "valid")  # valid: for choosing settings
 
 
 @dataclass

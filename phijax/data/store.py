@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
 from phijax.data.tokenizer import Tokenizer
-from phijax.files import atomic_open, atomic_write
+from phijax.files import atomic_open, atomic_write, jsonl_line
 from phijax.hashing import digest
 
 log = logging.getLogger("phijax")
@@ -204,7 +204,7 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
         with open(new / "metadata.jsonl", "w") as f:
             for s in summaries:
                 for p in s["paths"] or [None] * s["documents"]:
-                    f.write(json.dumps({"path": p} if p is not None else {}) + "\n")
+                    f.write(jsonl_line({"path": p} if p is not None else {}))
     manifest = {"format": FORMAT, "documents": documents, "tokens": total,
                 "chat_documents": chats, "tokenizer": str(tokenizer.path),
                 "tokenizer_hash": tokenizer.hash, "skipped": skipped.counts,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-KINDS = ("auto", "math", "choice")
+ANSWER_KINDS = ("auto", "math", "choice")
 _CUE = r"(?:final\s+answer|correct\s+(?:answer|option|choice)|answer|option|choice)"
 _CHOICE_AFTER_CUE = re.compile(  # only the cue words ignore case: "is a prime" is not "is A"
     r"(?i:" + _CUE + r"\s*(?:is|:|=)?\s*(?:option\s+|choice\s+)?)(?:\(([A-Ja-j])\)|([A-J])\b(?![\w'-])|"
@@ -119,8 +119,8 @@ def _choice(text: str, strict: bool) -> str | None:
 def normalize_answer(text: str | None, kind: str = "auto", *, percent_as_fraction: bool = False) -> str | None:
     """Extract and canonicalise the final answer of `text`; None when there is none.
     kind: "math" (numbers/expressions), "choice" (a letter A-J) or "auto" (either)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"kind must be one of {ANSWER_KINDS}, got {kind!r}")
     if not text or not text.strip():
         return None
     boxed = last_boxed(text)

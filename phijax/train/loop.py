@@ -1,7 +1,6 @@
 """`phijax train`: the training loop with logging, eval, checkpoints and SIGTERM handling."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -1,7 +1,6 @@
 """FLOP accounting, device peaks, and the metrics writers (JSONL + TensorBoard)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from phijax.config import ModelConfig
+from phijax.files import jsonl_line
 
 # Dense bf16 peak FLOP/s per device for common accelerators.
 DEVICE_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -71,7 +71,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(jsonl_line(record))
         self.jsonl.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):

@@ -81,7 +81,7 @@ async def process_seed(pipe: Pipeline, seed: dict, seed_id: str,
     return records, None
 
 
-class _Seeds:
+class PendingSeeds:
     """The input's seeds that are still to do: each seed id once, not done in `run`, and
     (with `select`) selected by id; `counts` gets the duplicates and skipped ones."""
 
@@ -90,6 +90,9 @@ class _Seeds:
         self.seeds = iter_seeds(pipe.input)
         self.run, self.counts, self.select = run, counts, select
         self.seen: set[str] = set()
+
+    def __iter__(self):
+        return iter(self.next, None)
 
     def next(self) -> Optional[tuple[str, dict]]:
         for _, obj in self.seeds:
@@ -116,7 +119,7 @@ async def run_seeds(pipe: Pipeline, run: RunDir, ctx: StageContext,
     selects by id), `pipe.concurrency` at a time, committing finished seeds in batches;
     `counts` is updated in place. Whatever finished is committed even on error or cancel."""
     pending: Batch = []
-    seeds = _Seeds(pipe, run, counts, select)
+    seeds = PendingSeeds(pipe, run, counts, select)
     stop = asyncio.Event()
 
     def flush() -> None:

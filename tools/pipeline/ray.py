@@ -27,12 +27,13 @@ import dataclasses
 import os
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Optional
 
 from tools.pipeline.config import Pipeline
-from tools.pipeline.local import (ProgressBar, log_resume, make_scrub, new_counts, open_teacher,
-                                  run_seeds, stderr_log, summary)
-from tools.pipeline.rundir import RunDir, iter_seeds, seed_id_of, shard_of
+from tools.pipeline.local import (PendingSeeds, ProgressBar, log_resume, make_scrub, new_counts,
+                                  open_teacher, run_seeds, stderr_log, summary)
+from tools.pipeline.rundir import RunDir, shard_of, sum_usage
 from tools.pipeline.stage import PipelineError, StageContext
 
 
@@ -106,31 +107,12 @@ def _one_line_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[-1] if text else ''}".strip()
 
 
-def _sum_usage(usages) -> dict:
-    total: dict = {}
-    for u in usages:
-        for k, v in u.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                total[k] = total.get(k, 0) + v
-    return total
-
-
 def _scan(pipe: Pipeline, run: RunDir) -> tuple[int, dict, dict[int, int]]:
     """One pass over the input: the number of seeds, this run's counts (duplicate and skipped
     seeds) and the number of seeds to do per shard."""
-    counts, todo, seen, total = new_counts(), {}, set(), 0
-    for _, obj in iter_seeds(pipe.input):
-        total += 1
-        sid = seed_id_of(obj)
-        if sid in seen:
-            counts["duplicate"] += 1
-        elif sid in run.done:
-            counts["skipped"] += 1
-        else:
-            k = shard_of(sid, pipe.shards)
-            todo[k] = todo.get(k, 0) + 1
-        seen.add(sid)
-    return total, counts, todo
+    counts = new_counts()
+    todo = Counter(shard_of(sid, pipe.shards) for sid, _ in PendingSeeds(pipe, run, counts, None))
+    return sum(todo.values()) + counts["duplicate"] + counts["skipped"], counts, dict(todo)
 
 
 def _start_ray(num_cpus: Optional[int]) -> None:
@@ -170,7 +152,7 @@ class _Driver:
                 for name, v in d.items():
                     old[name] = max(old.get(name, v), v)
         self.part = {k: sum(q.get(k, 0) for q in self.parts.values()) for k in self.part}
-        self.usage = _sum_usage(self.usages.values())
+        self.usage = sum_usage(*self.usages.values())
 
     def counts(self) -> dict:
         """The run's seeds_done, seeds_failed and records while tasks still run."""

@@ -112,6 +112,16 @@ def _filter_log(path: Path, keep: Callable[[dict], bool]) -> int:
     return len(objs) - len(kept)
 
 
+def sum_usage(*usages: dict) -> dict:
+    """The numbers of several usage records (requests, tokens, cost ...) added up."""
+    total: dict = {}
+    for u in usages:
+        for k, v in u.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
 def _part_paths(state: Path, kind: str) -> list[Path]:
     """The per-shard logs `state/<kind>-0000k.jsonl` written by Ray shard tasks."""
     return sorted(p for p in state.glob(f"{kind}-*.jsonl")
@@ -369,11 +379,7 @@ class RunDir:
                 self.part["records"] += len(records)
 
     def write_usage(self, usage: dict, extra: dict, scrub: Callable[[str], str]) -> None:
-        total = dict(self.base_usage)
-        for k, v in usage.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                total[k] = total.get(k, 0) + v
-        doc = {"total": total, "this_run": usage, **extra, "updated": now()}
+        doc = {"total": sum_usage(self.base_usage, usage), "this_run": usage, **extra, "updated": now()}
         atomic_write(self.usage_path, scrub(json.dumps(doc, indent=1) + "\n"))
 
     def counts(self) -> dict:

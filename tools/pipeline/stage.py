@@ -197,5 +197,10 @@ def render_template(template: str, record: dict) -> str:
         except KeyError:
             raise StageError(f"template field {m.group(1)!r} is missing from record "
                              f"{record.get('id')!r}") from None
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return as_text(value)
     return _PLACEHOLDER.sub(sub, template)
+
+
+def as_text(value: Any) -> str:
+    """A field's value as text: a string as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

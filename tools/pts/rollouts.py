@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from phijax.config import ConfigError
 from phijax.eval.questions import answer_text, check, prompt_ids, question_error
+from phijax.sampling import Request, check_request
 from tools.pts.pairs import pts
 from tools.pts.search import Job, Prefix, PTSConfig, Rollouts, Stats
 
@@ -10,7 +11,7 @@ from tools.pts.search import Job, Prefix, PTSConfig, Rollouts, Stats
 class SamplerEstimator:
     """`Estimate` over a `phijax.sampling.Sampler`: rollouts continue prompt + prefix at the
     config's temperature until a stop token or the answer's max_new_tokens; each answer
-    (prefix + continuation, stop token dropped) is decoded and judged by `tools.oracles.check`
+    (prefix + continuation, stop token dropped) is decoded and judged by `phijax.eval.questions.check`
     (judgements cached by text)."""
 
     def __init__(self, sampler, tokenizer, questions: list[dict], prompts: list[list[int]],
@@ -31,8 +32,6 @@ class SamplerEstimator:
         return self.judged[q, text]
 
     def __call__(self, jobs: list[Job]) -> list[Rollouts]:
-        from phijax.sampling import Request
-
         live = [j for j in jobs if not self.finished(j.prefix)]
         samples = dict(zip(live, self.sampler.generate([Request(
             self.prompts[j.question] + list(j.prefix), n=j.n,
@@ -55,21 +54,16 @@ def check_prompts(prompts: list[list[int]], labels: list[str], max_len: int, voc
                   cfg: PTSConfig) -> None:
     """ConfigError naming the first question whose prompt the model cannot continue."""
     for ids, label in zip(prompts, labels):
-        if not ids:
-            raise ConfigError(f"{label}: the prompt encodes to no tokens")
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise ConfigError(f"{label}: prompt_ids outside the model's vocabulary "
-                              f"[0, {vocab_size})")
-        if len(ids) + cfg.max_new_tokens > max_len:
-            raise ConfigError(f"{label}: prompt of {len(ids)} tokens + max_new_tokens "
-                              f"{cfg.max_new_tokens} exceeds the model's context length {max_len}")
+        error = check_request(Request(ids, max_new_tokens=cfg.max_new_tokens), max_len,
+                              vocab_size)
+        if error:
+            raise ConfigError(f"{label}: {error}")
 
 
 def run_pts(sampler, tokenizer, questions: list[dict], cfg: PTSConfig,
             log=None) -> tuple[list[dict], Stats]:
-    """PTS pairs for question records (see phijax.eval.questions) with a Sampler and its Tokenizer.
-    Every record and prompt is checked before anything is sampled."""
-    cfg.validate()
+    """PTS pairs for question records (`phijax.eval.questions`) with a Sampler and its
+    Tokenizer. Every record, prompt and setting is checked before anything is sampled."""
     labels = [f"question {q.get('id') if isinstance(q, dict) else i}"
               for i, q in enumerate(questions)]
     for q, label in zip(questions, labels):

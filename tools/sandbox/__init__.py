@@ -66,7 +66,7 @@ from tools.sandbox.launch import execute, python_binary
 from tools.sandbox.result import Limits, Result, SandboxError, SandboxUnavailable
 
 __all__ = ["Limits", "Result", "SandboxError", "SandboxUnavailable", "WORKDIR", "SCRIPT_NAME",
-           "ORACLE_LIMITS", "isolation_mode", "passes", "run", "run_python"]
+           "ORACLE_LIMITS", "isolation_mode", "passes", "run", "run_python", "run_tests"]
 
 # run_python() writes the code here (so tracebacks show file/line and `import helper` works
 # for helper modules passed in `files`).
@@ -93,10 +93,15 @@ def run_python(code: str, *, stdin: str = "", files: Mapping[str, str | bytes] |
                limits=limits, unsafe_allow_network=unsafe_allow_network, unsafe=unsafe)
 
 
+def run_tests(code: str, tests: str, limits: Limits = ORACLE_LIMITS) -> Result:
+    """`code` followed by `tests`, run as one program in the sandbox."""
+    return run_python(code + "\n\n" + tests, limits=limits)
+
+
 def passes(code: str, tests: str) -> bool:
     """Whether `code` followed by `tests` exits 0 in the sandbox: the code oracle of
     evaluation, PTS and judge pairs (registered as the `phijax.sandbox` entry point)."""
-    return run_python(code + "\n\n" + tests, limits=ORACLE_LIMITS).ok
+    return run_tests(code, tests).ok
 
 
 def run(argv: Sequence[str], *, stdin: str | bytes = "",

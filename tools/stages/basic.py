@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import Any, Optional
 
 from phijax.config import ConfigError, positive, ranged
 from phijax.hashing import canonical_json, sha256_hex
-from tools.pipeline.stage import (PipelineError, Stage, StageConfig, StageContext, child_record,
-                                  file_field, lookup, record_field, register_stage,
-                                  render_template)
+from tools.pipeline.stage import (PipelineError, Stage, StageConfig, StageContext, as_text,
+                                  child_record, file_field, lookup, record_field,
+                                  register_stage, render_template)
 from tools.stages.templated import SamplingConfig, sample
 
 
@@ -126,7 +125,7 @@ class FilterStage(Stage):
             value = lookup(record, self.cfg.field)
         except KeyError:
             return c.get("exists") is False and len(c) == 1
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        text = as_text(value)
         size = len(value) if isinstance(value, (str, list, dict)) else len(text)
         tests = {"exists": lambda want: want,
                  "equals": lambda want: value == want,

@@ -1,4 +1,4 @@
-"""Stages for code data, checked by running it in the sandbox (`tools.sandbox.run_python`).
+"""Stages for code data, checked by running it in the sandbox (`tools.sandbox.run_tests`).
 
 * `verify_code`: run the record's `code` + `tests` together; pass -> `verified: true`; fail ->
   up to `repair_rounds` teacher repairs (the error output in, a ```python block out), re-run;
@@ -46,9 +46,9 @@ class CodeStage(TemplatedStage):
 
     async def execute(self, code: str, tests: str):
         """The sandbox's Result of `code` followed by `tests`, run as one file."""
-        from tools.sandbox import SandboxError, run_python
+        from tools.sandbox import SandboxError, run_tests
         try:
-            return await asyncio.to_thread(run_python, code + "\n\n" + tests, limits=self.limits)
+            return await asyncio.to_thread(run_tests, code, tests, self.limits)
         except SandboxError as e:
             raise StageError(f"sandbox: {e}") from None
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from phijax.config import one_of, positive, ranged
-from phijax.eval.answers import KINDS, normalize_answer
+from phijax.eval.answers import ANSWER_KINDS, normalize_answer
 from tools.pipeline.stage import (PipelineError, StageContext, file_field, get_field,
                                   record_field, register_stage)
 from tools.stages.templated import SamplingConfig, TemplatedStage
@@ -84,7 +84,7 @@ def difficulty_filter(answers: Sequence[str | None], kind: str = "auto", *, min_
 class DifficultyConfig(SamplingConfig):
     field: str = record_field("question")   # `{question}` in the template
     k: int = ranged(8, ge=2)                # answers sampled
-    kind: str = one_of("auto", *KINDS)
+    kind: str = one_of(*ANSWER_KINDS)
     min_agree: int = ranged(2, ge=1)
     max_agreement: float = ranged(1.0, gt=0, le=1)
     percent_as_fraction: bool = False
