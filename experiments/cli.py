@@ -10,6 +10,7 @@ import json
 import sys
 
 from phijax.cli import run_main
+from phijax.errors import ConfigError
 
 
 def _pts_arith(args) -> int:
@@ -27,9 +28,9 @@ def _arith_data(args) -> int:
 
     for flag in ("train", "heldout", "valid", "pts"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+            raise ConfigError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.max_number < 4:
-        raise ValueError(f"--max-number must be at least 4, got {args.max_number}")
+        raise ConfigError(f"--max-number must be at least 4, got {args.max_number}")
     counts = write_task(args.out, args.train, args.heldout, args.pts, args.seed, args.max_number,
                         valid=args.valid)
     print(json.dumps({"out": str(args.out), **counts, "seed": args.seed,

@@ -6,7 +6,8 @@ import json
 import logging
 import sys
 
-from phijax.config import ConfigError, load_config
+from phijax.config import load_config
+from phijax.errors import ConfigError, UserError
 
 
 def _info(args) -> int:
@@ -64,13 +65,13 @@ def _sample(args) -> int:
     from phijax.sampling import Request, load_sampler
 
     if (args.prompt is None) == (args.prompt_ids is None):
-        raise ValueError("give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
+        raise ConfigError("give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
     sampler, tokenizer = load_sampler(args.ckpt)
     if args.prompt_ids is not None:
         try:
             prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: not comma-separated integers")
+            raise ConfigError(f"--prompt-ids {args.prompt_ids!r}: not comma-separated integers")
     else:
         prompt = tokenizer.encode([args.prompt])[0]
     request = Request(prompt, n=args.n, max_new_tokens=args.max_new_tokens,
@@ -141,7 +142,7 @@ def _data_tokenize(args) -> int:
 
     check_specs(args.inputs)
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: must be at least 1")
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
     tokenizer = Tokenizer(args.tokenizer)
     store = TokenStore(build_store(args.inputs, tokenizer, args.out, args.text_field, args.glob,
                                    args.workers))
@@ -269,10 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Every console script of phijax and its tools runs through `run_main`: logging to stderr, and a
 # user's mistake printed as one line `PROG: error: ...` with exit status 2.
-def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
-             user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Parse `argv`, set up logging and run the chosen command (`args.fn(args)`); a user's
-    mistake (ConfigError, ValueError, or one of `user_errors`) becomes one line and exit 2."""
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse `argv`, set up logging and run the chosen command (`args.fn(args)`). A user's
+    mistake (`phijax.errors.UserError`) or a file-system error (a missing file, a directory
+    where a file belongs, a port in use) becomes one line and exit 2; anything else is a bug
+    and keeps its traceback."""
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also follow the options (`pts RUN Q --out P rollouts=32`).
     if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
@@ -285,9 +287,17 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, *user_errors) as e:
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The error as one line; an OSError as `PATH: what went wrong`."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return " ".join(str(e).split())
 
 
 def main(argv: list[str] | None = None) -> int:

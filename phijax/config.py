@@ -20,9 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line that names the key."""
+from phijax.errors import ConfigError  # noqa: F401 - the error every loader raises
 
 
 # ---------------------------------------------------------------- declaring checks

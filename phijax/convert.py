@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from phijax.config import Config, MeshConfig, ModelConfig, from_dict, validate
+from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_write, replacing
 from phijax.sharding import make_mesh
 from phijax.weights import abstract_params, load_params, save_params
@@ -164,11 +165,11 @@ def model_config(hf: dict) -> ModelConfig:
         value = flat.get(key, default)
         if value not in allowed:
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise ValueError(f"config.json: {key} = {shown} is not supported "
+            raise DataError(f"config.json: {key} = {shown} is not supported "
                              f"(supported: {', '.join(map(repr, allowed))})")
     for key in REQUIRED:
         if key not in hf:
-            raise ValueError(f"config.json: missing {key}")
+            raise DataError(f"config.json: missing {key}")
     heads = hf["num_attention_heads"]
     raw = {key: hf[key] for key in REQUIRED}
     raw.update(
@@ -221,7 +222,7 @@ def _open(path: Path, stack: contextlib.ExitStack):
     try:
         return stack.enter_context(safe_open(path, framework="numpy"))
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _tensor_files(hf_dir: Path, stack: contextlib.ExitStack) -> dict[str, tuple[Path, object]]:
@@ -232,13 +233,13 @@ def _tensor_files(hf_dir: Path, stack: contextlib.ExitStack) -> dict[str, tuple[
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        raise DataError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     out = {}
     for file in files:
         handle = _open(hf_dir / file, stack)
         for name in handle.keys():
             if name in out:
-                raise ValueError(f"{hf_dir}: tensor {name} is in both {out[name][0].name} "
+                raise DataError(f"{hf_dir}: tensor {name} is in both {out[name][0].name} "
                                  f"and {file}")
             out[name] = (hf_dir / file, handle)
     return out
@@ -248,14 +249,14 @@ def _check_tensors(hf_dir: Path, files: dict, expected: dict, c: Dims) -> None:
     """Every expected tensor is there with its shape and a readable dtype, and nothing else."""
     for name in files:
         if name not in expected:
-            raise ValueError(f"{hf_dir}: unexpected tensor {name}")
+            raise DataError(f"{hf_dir}: unexpected tensor {name}")
     for name, (key, _) in expected.items():
         if name not in files:
-            raise ValueError(f"{hf_dir}: missing tensor {name}")
+            raise DataError(f"{hf_dir}: missing tensor {name}")
         info = files[name][1].get_slice(name)
         dtype, shape = info.get_dtype(), list(info.get_shape())
         if tuple(shape) != TABLE[key][1](c) or dtype not in READ_DTYPES:
-            raise ValueError(f"{hf_dir}: tensor {name} is {dtype} {shape}, "
+            raise DataError(f"{hf_dir}: tensor {name} is {dtype} {shape}, "
                              f"expected {list(TABLE[key][1](c))} ({', '.join(READ_DTYPES)})")
 
 
@@ -263,7 +264,7 @@ def _read(path: Path, handle, name: str) -> np.ndarray:
     try:
         return handle.get_tensor(name)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: tensor {name}: {e}") from None
+        raise DataError(f"{path}: tensor {name}: {e}") from None
 
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -282,11 +283,11 @@ def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
     """Convert an HF Phi3ForCausalLM directory into a run directory `ckpt` (float32 params)."""
     hf_dir, ckpt = Path(hf_dir), Path(ckpt)
     if not (hf_dir / "config.json").is_file():
-        raise ValueError(f"{hf_dir}: no config.json (give a Hugging Face model directory)")
+        raise ConfigError(f"{hf_dir}: no config.json (give a Hugging Face model directory)")
     cfg = Config(model=model_config(json.loads((hf_dir / "config.json").read_text())))
     validate(cfg)
     if any((ckpt / "checkpoints").glob("*")):
-        raise ValueError(f"{ckpt}: already holds checkpoints; give a new directory")
+        raise ConfigError(f"{ckpt}: already holds checkpoints; give a new directory")
     c = dims(cfg.model)
     expected = hf_names(c, cfg.model.tie_word_embeddings)
     params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract_params(cfg))
@@ -334,7 +335,7 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
     """Write run directory `ckpt`'s latest params as an HF Phi3ForCausalLM directory, one
     shard in memory at a time."""
     if dtype not in WRITE_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(WRITE_DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(WRITE_DTYPES)}")
     hf_dir, np_dtype = Path(hf_dir), np.dtype(WRITE_DTYPES[dtype])
     cfg, params = load_params(ckpt, make_mesh(MeshConfig(), jax.devices("cpu")[:1]))
     c = dims(cfg.model)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from phijax.config import ConfigError
+from phijax.errors import ConfigError, DataError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -61,7 +61,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; ConfigError naming `file:line` for a line
+    """(line number, object) for each non-blank line; DataError naming `file:line` for a line
     that is not a JSON object."""
     path = Path(path)
     if not path.is_file():
@@ -74,24 +74,24 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                raise ConfigError(f"{path}:{lineno}: invalid JSON ({why})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({why})") from None
             if not isinstance(obj, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object")
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, obj
 
 
 def read_text_records(path: str | Path, text_field: str, required: tuple[str, ...] = (),
                       nullable: bool = False) -> list[dict]:
     """The records of a JSONL file, each holding a string `text_field` (or null, when
-    `nullable`) and the `required` fields; ConfigError naming `file:line` for the first that
+    `nullable`) and the `required` fields; DataError naming `file:line` for the first that
     does not."""
     out = []
     for lineno, rec in read_jsonl(path):
         for name in (text_field, *required):
             if name not in rec:
-                raise ConfigError(f"{path}:{lineno}: no field {name!r}")
+                raise DataError(f"{path}:{lineno}: no field {name!r}")
         if not isinstance(rec[text_field], str) and not (nullable and rec[text_field] is None):
-            raise ConfigError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
         out.append(rec)
     return out
 

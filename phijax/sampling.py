@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phijax.config import ModelConfig
+from phijax.errors import ConfigError, DataError
 from phijax.model import decoder_from_params, decoding_params, empty_caches
 from phijax.sharding import RULES
 
@@ -342,7 +343,7 @@ class Sampler:
         for i, r in enumerate(requests):
             error = check_request(r, self.max_len, self.cfg.vocab_size)
             if error:
-                raise ValueError(f"request {i}: {error}")
+                raise ConfigError(f"request {i}: {error}")
         lay = _layout(requests, share_prefix)
         prefill, _, _ = _programs(dataclasses.astuple(self.cfg))
         caches, token, logprob, done = prefill(
@@ -397,7 +398,7 @@ def load_sampler(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
     cfg, params = load_params(run_dir, mesh)
     tokenizer_path = run_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
-        raise ValueError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
+        raise DataError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
                          f"one; converted checkpoints need prompts as token ids)")
     tokenizer = Tokenizer(tokenizer_path)
     return Sampler(cfg.model, params, mesh, vocab_limit=tokenizer.vocab_size), tokenizer

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from phijax.config import Config, ConfigError, from_dict, to_dict
+from phijax.config import Config, from_dict, to_dict
+from phijax.errors import ConfigError
 from phijax.files import atomic_write
 from phijax.model import abstract_model
 from phijax.sharding import named, param_specs

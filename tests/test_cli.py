@@ -56,3 +56,32 @@ def test_train_on_chats_packs_whole_documents(tmp_path, cache_dir):
     assert metrics[-1]["step"] == 30 and metrics[-1]["loss"] < 0.7 * metrics[0]["loss"]
     assert "documents are longer than data.seq_len + 1 and are cut" in out.stderr  # python-docs
     assert metrics[-1]["epochs/chats"] > 0
+
+
+def test_user_mistakes_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys):
+    import argparse
+
+    from phijax.cli import run_main
+    from phijax.errors import DataError
+
+    def command(error):
+        p = argparse.ArgumentParser(prog="prog")
+        p.set_defaults(fn=lambda args: (_ for _ in ()).throw(error))
+        return p
+
+    assert run_main(command(DataError("data.jsonl:3: no field 'text'")), []) == 2
+    assert capsys.readouterr().err == "prog: error: data.jsonl:3: no field 'text'\n"
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    assert run_main(command(IsADirectoryError(21, "Is a directory", str(a_dir))), []) == 2
+    assert capsys.readouterr().err == f"prog: error: {a_dir}: Is a directory\n"
+    with pytest.raises(ValueError, match="a bug"):  # not a user's mistake: the traceback stays
+        run_main(command(ValueError("a bug")), [])
+
+
+def test_a_directory_given_as_the_tokenizer_is_one_line(tmp_path):
+    out = run_cli("data", "tokenize", "builtin:python-docs", "--tokenizer", tmp_path,
+                  "--out", tmp_path / "store", check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("phijax: error: tokenizer ")
+    assert "Traceback" not in out.stderr

@@ -2,7 +2,8 @@
 import pytest
 
 from conftest import ROOT, run_cli
-from phijax.config import ConfigError, load_config, validate
+from phijax.config import load_config, validate
+from phijax.errors import ConfigError
 
 TINY = ROOT / "configs" / "tiny.yaml"
 

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from flax import nnx
 
-from phijax.config import Config, ConfigError, ModelConfig, load
+from phijax.config import Config, ModelConfig, load
+from phijax.errors import ConfigError
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
 from phijax.model import init_model
 from phijax.weights import save_params

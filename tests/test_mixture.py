@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from phijax.config import ConfigError
+from phijax.errors import ConfigError
 from phijax.data.mixture import BlockMixer, block_counts, load_mixture, plan
 
 PHI4 = ROOT / "configs" / "mixtures" / "phi-4.yaml"

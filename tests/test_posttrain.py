@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_metrics, run_cli
-from phijax.config import ConfigError, DPOConfig
+from phijax.config import DPOConfig
+from phijax.errors import ConfigError, DataError
 from phijax.posttrain.dpo import dpo_losses, load_pairs
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -65,7 +66,7 @@ def test_single_token_pairs_get_no_eos_and_weight_only_their_token(tmp_path):
 def test_bad_pairs_are_named_by_file_and_line(tmp_path, record, words):
     good = {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}
     path = _write_pairs(tmp_path / "p.jsonl", [good, record])
-    with pytest.raises(ConfigError, match=f"p.jsonl:2: .*{words}"):
+    with pytest.raises(DataError, match=f"p.jsonl:2: .*{words}"):
         load_pairs(path, vocab_size=32, seq_len=8)
 
 

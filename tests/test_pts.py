@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from conftest import run_script
-from phijax.config import ConfigError
+from phijax.errors import ConfigError
 from tools import pts
 from tools.cli import main as tools_main
 from tools.pts import PTSConfig, Rollouts, split_point

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from phijax.errors import ConfigError
 from phijax.hashing import canonical_json, sha256_hex
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS responses ("
@@ -47,7 +48,7 @@ class Cache:
                     raise
                 time.sleep(0.01)
         if str(mode).lower() != "wal":  # e.g. a filesystem without shared memory
-            raise RuntimeError(f"cache {self.path}: could not enable WAL mode (got {mode!r})")
+            raise ConfigError(f"cache {self.path}: could not enable WAL mode (got {mode!r})")
 
     @staticmethod
     def key(request: dict) -> str:

@@ -19,6 +19,7 @@ import json
 import sys
 
 from phijax.cli import run_main
+from phijax.errors import ConfigError
 
 
 def _model_command(sub, name: str, help_: str, records: tuple[str, str], out: str, config: str,
@@ -45,7 +46,7 @@ def _run(args) -> int:
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise ValueError("--executor ray: ray is not installed; pip install ray") from None
+            raise ConfigError("--executor ray: ray is not installed; pip install ray") from None
     pipe = load_pipeline(args.pipeline, args.overrides)
     if args.check:
         print(f"ok: {args.pipeline}: {len(pipe.stages)} stages, {pipe.shards} shards, "
@@ -277,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.set_defaults(main_process=argv is None)
-    from tools.teacher import TeacherError
-    return run_main(parser, argv, user_errors=(TeacherError, OSError))
+    return run_main(parser, argv)
 
 
 if __name__ == "__main__":

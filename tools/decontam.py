@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from phijax.errors import DataError
 from phijax.files import atomic_open, jsonl_line, read_jsonl, write_jsonl
 from phijax.hashing import mix64
 
@@ -239,7 +240,7 @@ class Index:
                     bench = str(rec.get(benchmark_field) or Path(path).stem)
                     text = _field_text(rec, fields)
                     if not text:
-                        raise ValueError(f"{path}:{lineno}: none of the fields "
+                        raise DataError(f"{path}:{lineno}: none of the fields "
                                          f"{', '.join(fields)}")
                     yield bench, str(rec.get(id_field, f"{bench}:{i}")), text
         return cls.from_records(records(), whitelist, **kw)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from phijax.config import ConfigError, positive, ranged
+from phijax.config import positive, ranged
+from phijax.errors import ConfigError, DataError, EndpointError
 from phijax.eval.questions import question_seed
 from phijax.files import read_jsonl, write_jsonl
 from phijax.hashing import sha256_hex
@@ -135,11 +136,11 @@ def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_len: int,
                 why = (f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the "
                        f"context length {max_len}")
         if why is not None:
-            raise ValueError(f"{path}:{line}: {why}")
+            raise DataError(f"{path}:{line}: {why}")
         seen[r["id"]] = line
         prompts.append(Prompt(r["id"], ids, question))
     if not prompts:
-        raise ValueError(f"{path}: no prompt records")
+        raise DataError(f"{path}: no prompt records")
     return prompts
 
 
@@ -149,15 +150,15 @@ def load_template(path: str | Path | None = None) -> str:
     """The judge template; it must use {question}, {answer_a} and {answer_b}."""
     path = Path(path) if path is not None else TEMPLATE_PATH
     if not path.is_file():
-        raise ValueError(f"judge template {path} does not exist")
+        raise ConfigError(f"judge template {path} does not exist")
     text = path.read_text()
     probe = {"question": "\x00q", "answer_a": "\x00a", "answer_b": "\x00b"}
     try:
         out = render_judge(text, probe["question"], probe["answer_a"], probe["answer_b"])
     except Exception as e:
-        raise ValueError(f"judge template {path}: {e}") from None
+        raise ConfigError(f"judge template {path}: {e}") from None
     if not all(v in out for v in probe.values()):
-        raise ValueError(f"judge template {path} must use {{question}}, {{answer_a}} and "
+        raise ConfigError(f"judge template {path} must use {{question}}, {{answer_a}} and "
                          f"{{answer_b}}")
     return text
 
@@ -339,7 +340,7 @@ async def run_judge(model_dir: str | Path, prompts_path: str | Path, out_path: s
         sampler, tokenizer = load_sampler(model_dir)
         pairs, stats = await make_pairs(sampler, tokenizer, prompts, teacher, cfg, template)
     if stats["skipped"]["teacher_error"] == stats["prompts"] - stats["skipped"]["identical"] > 0:
-        raise ValueError(f"every judged prompt failed at the teacher: {stats['last_error']}")
+        raise EndpointError(f"every judged prompt failed at the teacher: {stats['last_error']}")
     write_jsonl(out_path, pairs)
     usage = teacher.usage
     return dict(stats, out=str(out_path), judge_model=cfg.teacher.model,

@@ -51,6 +51,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.murmurhash import murmurhash3_32
 
+from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_open, read_text_records, write_jsonl
 from phijax.hashing import mix64
 
@@ -159,7 +160,7 @@ def _binarise(labels, label_threshold: int) -> np.ndarray:
     if y.dtype == bool:
         return y
     if y.size and (y.min() < 0 or y.max() > 5):
-        raise ValueError(f"labels must be teacher scores 0-5 or booleans; got range "
+        raise DataError(f"labels must be teacher scores 0-5 or booleans; got range "
                          f"[{y.min()}, {y.max()}]")
     return y >= label_threshold
 
@@ -181,7 +182,7 @@ class QualityClassifier:
         if len(y) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(y)} labels")
         if y.all() or not y.any():
-            raise ValueError("training labels are all one class after binarising at "
+            raise DataError("training labels are all one class after binarising at "
                              f"score >= {config.label_threshold}")
         X = featurize(texts, config.n_features, config.bigrams)
         model = LogisticRegression(C=config.C, solver="liblinear", random_state=seed)
@@ -226,10 +227,10 @@ def keep(scores, threshold: float | None = None, percentile: float | None = None
     percentile of `scores` (percentile=80 keeps roughly the top 20%). Neither: threshold 0.5."""
     scores = np.asarray(scores, dtype=np.float64)
     if threshold is not None and percentile is not None:
-        raise ValueError("give threshold or percentile, not both")
+        raise ConfigError("give threshold or percentile, not both")
     if percentile is not None:
         if not 0 <= percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+            raise ConfigError(f"percentile must be in [0, 100], got {percentile}")
         threshold = np.percentile(scores, percentile) if scores.size else 0.0
     return scores >= (0.5 if threshold is None else threshold)
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from phijax.errors import ConfigError
 from phijax.files import read_jsonl, read_text_records, write_jsonl
 from phijax.hashing import sha256_hex
 
@@ -142,7 +143,7 @@ def chunk_document(text: str, tokenizer_fn: Callable | None = None,
                    max_tokens: int = 512) -> list[str]:
     """Chunks of `text` within `max_tokens` (see the module docstring for the exact rule)."""
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
     count = _counter(tokenizer_fn)
     chunks: list[str] = []
     for heading, paras in _sections(text):

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from phijax.config import check_fields, positive, ranged
+from phijax.errors import EndpointError
 from tools.cache import Cache
 
 
@@ -63,7 +64,7 @@ class TeacherConfig:
     price_completion_per_1k: float = ranged(0.0, ge=0)
 
 
-class TeacherError(Exception):
+class TeacherError(EndpointError):
     """A chat call failed for good (non-retryable error, or retries exhausted); one-line message."""
 
 

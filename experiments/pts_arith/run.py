@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from phijax.config import ConfigError, load, one_of, positive, ranged
+from phijax.config import load, one_of, positive, ranged
+from phijax.errors import ConfigError, DataError
 from tools.pts import PTSConfig
 
 log = logging.getLogger("phijax")
@@ -200,7 +201,7 @@ def run(cfg: ExperimentConfig) -> dict:
             pairs, stats = run_pts(sampler, tokenizer, pts_questions, cfg.pts,
                                    log=lambda m: log.info("pts: %s", m))
             if not pairs:
-                raise RuntimeError(f"PTS found no pairs ({stats.summary()}); see {base}")
+                raise DataError(f"PTS found no pairs ({stats.summary()}); see {base}")
             results["pts_search"] = stats.summary()
             write_jsonl(pairs_pts, pairs)
         pts = [pair for _, pair in read_jsonl(pairs_pts)]

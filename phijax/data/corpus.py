@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phijax.data.tokenizer import chat_error, render_chat
+from phijax.errors import ConfigError
 
 BUILTINS = ("builtin:python-docs", "builtin:python-stdlib")
 
@@ -67,10 +68,10 @@ def check_specs(specs: list[str]) -> None:
     for spec in specs:
         if spec.startswith("builtin:"):
             if spec not in BUILTINS:
-                raise ValueError(f"data.corpus: unknown embedded corpus {spec!r}; "
+                raise ConfigError(f"data.corpus: unknown embedded corpus {spec!r}; "
                                  f"choose from {', '.join(BUILTINS)}")
         elif not Path(spec).exists():
-            raise ValueError(f"data.corpus: {spec} does not exist")
+            raise ConfigError(f"data.corpus: {spec} does not exist")
 
 
 def _topics() -> dict:

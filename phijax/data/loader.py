@@ -15,6 +15,7 @@ import numpy as np
 
 from phijax.data.mixture import BlockMixer
 from phijax.data.store import TokenStore
+from phijax.errors import DataError
 
 
 class Windows:
@@ -60,7 +61,7 @@ def split_windows(store: TokenStore, seq_len: int, eval_fraction: float) -> dict
     n = (len(store) - 1) // seq_len
     n_eval = int(n * eval_fraction)
     if n - n_eval < 1:
-        raise ValueError(f"token store {store.path}: {len(store)} tokens make no training window "
+        raise DataError(f"token store {store.path}: {len(store)} tokens make no training window "
                          f"of data.seq_len {seq_len}")
     return {"train": (0, n - n_eval), "eval": (n - n_eval, n)}
 
@@ -144,7 +145,7 @@ def split_documents(store: TokenStore, eval_fraction: float) -> dict[str, tuple]
     n = store.documents
     n_eval = int(n * eval_fraction)
     if n - n_eval < 1:
-        raise ValueError(f"token store {store.path}: no training document left")
+        raise DataError(f"token store {store.path}: no training document left")
     return {"train": (0, n - n_eval), "eval": (n - n_eval, n)}
 
 

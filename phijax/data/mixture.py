@@ -15,7 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from phijax.config import ConfigError, from_dict, read_yaml
+from phijax.config import from_dict, read_yaml
+from phijax.errors import ConfigError
 
 
 @dataclass

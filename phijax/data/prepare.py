@@ -9,6 +9,7 @@ from phijax.data.corpus import check_specs, documents
 from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
 from phijax.data.store import TokenStore, build_store
 from phijax.data.tokenizer import Tokenizer, train_tokenizer
+from phijax.errors import ConfigError
 from phijax.hashing import digest
 
 log = logging.getLogger("phijax")
@@ -27,7 +28,7 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
     mixture = mixture_for(cfg)
     for s in mixture.sources:
         if not s.corpus and not s.store:
-            raise ValueError(f"source {s.name}: needs a corpus or a store")
+            raise ConfigError(f"source {s.name}: needs a corpus or a store")
         check_specs(s.corpus)
     corpus = [spec for s in mixture.sources for spec in s.corpus]
     cache = Path(cfg.cache_dir).expanduser()
@@ -35,7 +36,7 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
         tokenizer = Tokenizer(cfg.tokenizer)
     else:
         if not corpus:
-            raise ValueError("data.tokenizer is unset and no source has a corpus to train one on")
+            raise ConfigError("data.tokenizer is unset and no source has a corpus to train one on")
         key = digest(TOKENIZER_VERSION, corpus, cfg.text_field, cfg.tokenizer_vocab_size,
                      cfg.tokenizer_multiple, length=12)
         path = cache / "tokenizers" / f"sp-{key}"

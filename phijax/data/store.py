@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
 from phijax.data.tokenizer import Tokenizer
+from phijax.errors import DataError
 from phijax.files import atomic_open, atomic_write, jsonl_line
 from phijax.hashing import digest
 
@@ -127,7 +128,7 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
     out = Path(out)
     shards = plan_shards(specs, glob, shard_bytes)
     if not shards:
-        raise ValueError(f"store {out}: {' '.join(specs)} holds no documents")
+        raise DataError(f"store {out}: {' '.join(specs)} holds no documents")
     key = _plan_key(shards, tokenizer, text_field)
     if (out / "manifest.json").is_file() and \
             json.loads((out / "manifest.json").read_text()).get("plan") == key:
@@ -178,7 +179,7 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
     total = sum(s["tokens"] for s in summaries)
     chats = sum(s["chats"] for s in summaries)
     if not documents:
-        raise ValueError(f"store {out}: the corpus produced no documents")
+        raise DataError(f"store {out}: the corpus produced no documents")
     skipped = Skipped()
     for s in summaries:
         skipped.merge(s["skipped"])
@@ -229,11 +230,11 @@ class TokenStore:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not (path / "manifest.json").is_file():
-            raise ValueError(f"token store {path} has no manifest.json")
+            raise DataError(f"token store {path} has no manifest.json")
         self.path = path
         self.manifest = json.loads((path / "manifest.json").read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"token store {path} is not a {FORMAT} store; rebuild it with "
+            raise DataError(f"token store {path} is not a {FORMAT} store; rebuild it with "
                              f"`phijax data tokenize`")
         self.tokens = ts.open(_array_spec(path / "tokens"), context=_context).result()
         self.offsets = ts.open(_array_spec(path / "offsets")).result().read().result()

@@ -16,6 +16,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_write
 from phijax.hashing import file_sha256
 
@@ -56,10 +57,10 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multi
     """Train a BPE model of `vocab_size` pieces on (a sample of) `docs`, pad it to a multiple of
     `multiple`; writes OUT.model and returns its path."""
     if vocab_size < 300:
-        raise ValueError(f"--vocab-size {vocab_size}: needs at least 300 (256 byte pieces, the "
+        raise ConfigError(f"--vocab-size {vocab_size}: needs at least 300 (256 byte pieces, the "
                          f"specials and some merges)")
     if multiple < 1:
-        raise ValueError(f"--multiple {multiple}: must be at least 1")
+        raise ConfigError(f"--multiple {multiple}: must be at least 1")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -73,7 +74,7 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multi
             remove_extra_whitespaces=False, add_dummy_prefix=False,
             normalization_rule_name="identity", minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (1024). Please set it to <= 324."
-        raise ValueError(f"tokenizer vocabulary size {vocab_size}: "
+        raise ConfigError(f"tokenizer vocabulary size {vocab_size}: "
                          f"{str(e).split('] ')[-1].strip()}") from None
     path = out.with_suffix(".model")
     atomic_write(path, _pad_model(model.getvalue(), multiple))
@@ -113,12 +114,12 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"tokenizer {path} does not exist")
+            raise ConfigError(f"tokenizer {path} does not exist")
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         missing = [s for s in SPECIALS if self.sp.piece_to_id(s) == self.sp.unk_id()]
         if missing:
-            raise ValueError(f"tokenizer {path} lacks the specials {', '.join(missing)}; "
+            raise DataError(f"tokenizer {path} lacks the specials {', '.join(missing)}; "
                              f"retrain it with `phijax tokenizer train`")
         self.eos_id = self.sp.piece_to_id(EOS)
         self.pad_id = self.sp.piece_to_id(PAD)

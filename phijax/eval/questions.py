@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
-from phijax.config import ConfigError
+from phijax.errors import ConfigError, DataError
 from phijax.eval.answers import extract_python, normalize_answer
 from phijax.files import read_jsonl
 
@@ -85,11 +85,11 @@ def load_questions(path: str | Path) -> list[dict]:
         if error is None and str(q["id"]) in seen:
             error = f"id {q['id']!r} already used at line {seen[str(q['id'])]}"
         if error:
-            raise ConfigError(f"{path}:{lineno}: {error}")
+            raise DataError(f"{path}:{lineno}: {error}")
         seen[str(q["id"])] = lineno
         questions.append(q)
     if not questions:
-        raise ConfigError(f"{path}: no questions")
+        raise DataError(f"{path}: no questions")
     return questions
 
 

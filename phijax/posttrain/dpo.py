@@ -40,7 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from phijax.config import Config, ConfigError, DPOConfig
+from phijax.config import Config, DPOConfig
+from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_open, read_jsonl
 from phijax.hashing import file_sha256
 from phijax.model import abstract_model
@@ -122,14 +123,14 @@ def load_pairs(path: str | Path, vocab_size: int, seq_len: int) -> Pairs:
         arrays = [_token_ids(record, field, vocab_size, f"{path}:{number}") for field in FIELDS]
         longest = arrays[0].size + max(arrays[1].size, arrays[2].size)
         if longest > seq_len + 1:
-            raise ConfigError(f"{path}:{number}: prompt + completion is {longest} tokens, over "
+            raise DataError(f"{path}:{number}: prompt + completion is {longest} tokens, over "
                               f"data.seq_len + 1 = {seq_len + 1}")
         pairs.ids.append(record.get("id", number))
         pairs.prompt.append(arrays[0])
         pairs.chosen.append(arrays[1])
         pairs.rejected.append(arrays[2])
     if not pairs.ids:
-        raise ConfigError(f"dpo.pairs: {path} holds no pairs")
+        raise DataError(f"dpo.pairs: {path} holds no pairs")
     return pairs
 
 
@@ -137,9 +138,9 @@ def _token_ids(record: dict, field: str, vocab_size: int, where: str) -> np.ndar
     ids = record.get(field)
     if not isinstance(ids, list) or not ids or \
             not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ConfigError(f"{where}: {field} must be a non-empty list of token ids")
+        raise DataError(f"{where}: {field} must be a non-empty list of token ids")
     if min(ids) < 0 or max(ids) >= vocab_size:
-        raise ConfigError(f"{where}: {field} has ids outside [0, {vocab_size})")
+        raise DataError(f"{where}: {field} has ids outside [0, {vocab_size})")
     return np.asarray(ids, np.int32)
 
 

@@ -7,7 +7,8 @@ assistant tokens only (the store's loss mask).
 """
 from __future__ import annotations
 
-from phijax.config import Config, ConfigError
+from phijax.config import Config
+from phijax.errors import ConfigError
 from phijax.train.loop import lm_task
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from phijax.data.tokenizer import IM_SEP, IM_START, render_chat
+from phijax.errors import ConfigError
 from phijax.serve import schemas
 from phijax.serve.batcher import Batcher
 from phijax.serve.schemas import MAX_PROMPTS, APIError, bad_type, bad_value, finite, usage
@@ -425,7 +426,7 @@ def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000,
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
+        raise ConfigError(f"run directory {run_dir} does not exist")
     sampler, tokenizer = load_sampler(run_dir)
     name = model_name or run_dir.resolve().name
     server = Server(sampler, tokenizer, name, host, port, max_batch, batch_wait)

@@ -15,7 +15,8 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from phijax.config import Config, ConfigError, to_dict, validate
+from phijax.config import Config, to_dict, validate
+from phijax.errors import ConfigError
 from phijax.data.loader import (PackedDocuments, Windows, batches, split_documents, split_windows,
                                 synthetic_batches)
 from phijax.data.mixture import BlockMixer

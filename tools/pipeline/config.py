@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from phijax.config import ConfigError, load, positive, ranged
+from phijax.config import load, positive, ranged
+from phijax.errors import ConfigError
 from tools.pipeline.stage import STAGES, PipelineError, Stage
 from tools.teacher import TeacherConfig
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from phijax.config import ConfigError
+from phijax.errors import ConfigError
 from phijax.files import atomic_write, fsync_dir, jsonl_line, read_jsonl
 from phijax.hashing import canonical_json, sha256_hex
 from tools.pipeline.stage import PipelineError, now

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from phijax.config import ConfigError, check_fields, from_dict
+from phijax.config import check_fields, from_dict
+from phijax.errors import ConfigError
 from phijax.hashing import canonical_json
 
 RESERVED = ("id", "provenance")   # record fields the pipeline owns

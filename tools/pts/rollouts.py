@@ -1,7 +1,7 @@
 """Rollouts from a phijax Sampler, judged by the question's oracle: the estimator PTS runs on."""
 from __future__ import annotations
 
-from phijax.config import ConfigError
+from phijax.errors import ConfigError
 from phijax.eval.questions import answer_text, check, prompt_ids, question_error
 from phijax.sampling import Request, check_request
 from tools.pts.pairs import pts

@@ -49,7 +49,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
-from phijax.config import ConfigError, check_fields, positive, ranged
+from phijax.config import check_fields, positive, ranged
+from phijax.errors import ConfigError
 
 Prefix = tuple[int, ...]
 

@@ -5,12 +5,14 @@ import re
 import signal
 from dataclasses import dataclass
 
+from phijax.errors import UserError
+
 
 class SandboxError(RuntimeError):
     """The sandbox itself failed (setup error, program could not be started)."""
 
 
-class SandboxUnavailable(SandboxError):
+class SandboxUnavailable(SandboxError, UserError):
     """Refusing to run: the required isolation is not available on this machine."""
 
 

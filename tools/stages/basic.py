@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from phijax.config import ConfigError, positive, ranged
+from phijax.config import positive, ranged
+from phijax.errors import ConfigError
 from phijax.hashing import canonical_json, sha256_hex
 from tools.pipeline.stage import (PipelineError, Stage, StageConfig, StageContext, as_text,
                                   child_record, file_field, lookup, record_field,
