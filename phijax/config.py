@@ -319,6 +319,9 @@ class TrainConfig:
     eval_every: int = positive(50)
     eval_batches: int = 2
     peak_flops_per_device: Optional[float] = None  # FLOP/s; measured on CPU when unset
+    # A step whose loss or gradient norm is not finite is never applied; `stop` ends the run
+    # (exit status 1) with the last good checkpoint intact, `skip` goes on and counts it.
+    on_nonfinite: str = one_of("stop", "skip")
 
 
 @dataclass

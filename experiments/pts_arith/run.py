@@ -96,7 +96,8 @@ def _data(cfg: ExperimentConfig, out: Path) -> Path:
 
 def _train(config: str, overrides: list[str], task=None) -> None:
     from phijax.config import load_config
-    from phijax.train.loop import lm_task, train
+    from phijax.train.loop import train
+    from phijax.train.tasks import lm_task
     train(load_config(config, overrides), task or lm_task)
 
 

@@ -46,7 +46,7 @@ from phijax.files import atomic_open, read_jsonl
 from phijax.hashing import file_sha256
 from phijax.model import abstract_model
 from phijax.sharding import batch_sharding
-from phijax.train.loop import Task
+from phijax.train.tasks import Task
 from phijax.train.step import BATCH_KEYS, sequence_logprobs
 
 log = logging.getLogger("phijax")

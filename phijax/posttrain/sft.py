@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from phijax.config import Config
 from phijax.errors import ConfigError
-from phijax.train.loop import lm_task
+from phijax.train.tasks import lm_task
 
 
 def check_sft(cfg: Config) -> None:
