@@ -16,7 +16,16 @@ is injected instead of the answer:
   "malformed"  200 with a body that is not valid JSON
   "empty"      200 with `choices: []`
   "truncated"  200 with fewer than n choices, or (n == 1) a choice whose content is null
+  "length"     200 with every answer short of its last character ("ANSWE"), finish_reason
+               "length"
+  "content_filter"  the same with finish_reason "content_filter"
   "400"        400 invalid_request_error (never drawn at random; use `script`)
+  "403"        403 permission_denied (never drawn at random; use `script`)
+
+`model`, when given, is the only model served: a request naming another gets OpenAI's 404
+model_not_found. `api_key`, when given, is the only key accepted: any other Authorization gets
+401 invalid_api_key (chat and model list alike). GET /v1/models lists the served model (`model`,
+default "echo"), with `max_model_len` (vLLM's name for the context length) when that is given.
 
 `responder(messages, n, i) -> str`, when given, replaces the echo: it is called (in the
 server's handler thread) for each choice i of n with the request's messages and its string is
@@ -41,7 +50,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("429", "500", "timeout", "reset", "malformed", "empty", "truncated")
+FAULTS = ("429", "500", "timeout", "reset", "malformed", "empty", "truncated", "length",
+          "content_filter")
+
+
+def _error(message: str, type_: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None,
+                                 "code": code}}).encode()
 
 
 class ServerStats:
@@ -52,12 +67,14 @@ class ServerStats:
         self.faults: collections.Counter = collections.Counter()
         self.auth_headers: list[str] = []
         self.times: list[float] = []
+        self.model_lists = 0     # GET /v1/models answered
 
     def snapshot(self) -> dict:
         with self._lock:
             return dict(requests=self.requests, ok=self.ok, faults=dict(self.faults),
                         fault_total=sum(self.faults.values()),
-                        auth_headers=sorted(set(self.auth_headers)), times=list(self.times))
+                        auth_headers=sorted(set(self.auth_headers)), times=list(self.times),
+                        model_lists=self.model_lists)
 
     def __repr__(self) -> str:
         s = self.snapshot()
@@ -101,11 +118,34 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def do_POST(self):
+    def _refusal(self, cfg: dict, model) -> tuple[int, bytes] | None:
+        """The 401 for a wrong key or the 404 for a model not served, when configured."""
+        if cfg["api_key"] is not None and \
+                self.headers.get("Authorization") != f"Bearer {cfg['api_key']}":
+            return 401, _error("Incorrect API key provided.", "invalid_request_error",
+                               "invalid_api_key")
+        if cfg["model"] is not None and model is not None and model != cfg["model"]:
+            return 404, _error(f"The model `{model}` does not exist.", "invalid_request_error",
+                               "model_not_found")
+        return None
+
+    def do_GET(self):
         cfg = self.server.cfg  # type: ignore[attr-defined]
-        stats: ServerStats = self.server.stats  # type: ignore[attr-defined]
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        if self.path.rstrip("/") != "/v1/models":
+            return self._send(404, _error("not found", "not_found"))
+        refused = self._refusal(cfg, None)
+        if refused is not None:
+            return self._send(*refused)
+        card = {"id": cfg["model"] or "echo", "object": "model", "created": 0,
+                "owned_by": "test"}
+        if cfg["max_model_len"] is not None:
+            card["max_model_len"] = cfg["max_model_len"]
+        with self.server.stats._lock:  # type: ignore[attr-defined]
+            self.server.stats.model_lists += 1  # type: ignore[attr-defined]
+        self._send(200, json.dumps({"object": "list", "data": [card]}).encode())
+
+    def _draw_fault(self, cfg: dict, stats: ServerStats):
+        """Count the request; the fault it gets (the script's next, or a random one) or None."""
         with stats._lock:
             stats.requests += 1
             stats.times.append(time.monotonic())
@@ -120,42 +160,42 @@ class _Handler(BaseHTTPRequestHandler):
                 fault = None
             if fault is not None:
                 stats.faults[fault] += 1
-        if not self.path.rstrip("/").endswith("/chat/completions"):
-            return self._send(404, b'{"error": {"message": "not found", "type": "not_found"}}')
-        try:
-            req = json.loads(raw)
-        except ValueError:
-            return self._send(400, b'{"error": {"message": "bad json", "type": "invalid_request_error"}}')
-        if cfg["delay_s"]:
-            time.sleep(cfg["delay_s"])
-        n = int(req.get("n") or 1)
-        if fault == "429":
-            return self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
-                              {"Retry-After": f"{cfg['retry_after_s']:g}"})
-        if fault == "500":
-            return self._send(500, b'{"error": {"message": "internal error", "type": "server_error"}}')
-        if fault == "400":
-            return self._send(400, b'{"error": {"message": "invalid request", '
-                                   b'"type": "invalid_request_error"}}')
-        if fault == "timeout":
+        return fault
+
+    def _serve_fault(self, cfg: dict, fault) -> bool:
+        """Answer with `fault` when it is an error or a broken connection; False otherwise."""
+        errors = {"429": (429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
+                          {"Retry-After": f"{cfg['retry_after_s']:g}"}),
+                  "500": (500, _error("internal error", "server_error"), None),
+                  "400": (400, _error("invalid request", "invalid_request_error"), None),
+                  "403": (403, _error("You are not allowed to use this model.",
+                                      "permission_denied", "permission_denied"), None),
+                  "malformed": (200, b'{"id": "x", "object": "chat.completion", '
+                                     b'"choices": [{"ind', None)}
+        if fault in errors:
+            self._send(*errors[fault])
+        elif fault == "timeout":
             time.sleep(cfg["hang_s"])
-            return self._drop(rst=False)
-        if fault == "reset":
-            return self._drop(rst=True)
-        if fault == "malformed":
-            return self._send(200, b'{"id": "x", "object": "chat.completion", "choices": [{"ind')
+            self._drop(rst=False)
+        elif fault == "reset":
+            self._drop(rst=True)
+        else:
+            return False
+        return True
+
+    def _choices(self, cfg: dict, req: dict, n: int, fault) -> list | None:
+        """The n choices (the echo or the responder's), as `fault` leaves them; None after
+        answering a 500 for a responder that raised."""
         last = next((m.get("content") for m in reversed(req.get("messages") or [])
                      if m.get("role") == "user"), "")
-        content = "echo: " + (last if isinstance(last, str) else json.dumps(last))
-        contents = [content] * n
+        contents = ["echo: " + (last if isinstance(last, str) else json.dumps(last))] * n
         if cfg["responder"] is not None:
             try:
                 contents = [cfg["responder"](list(req.get("messages") or []), n, i)
                             for i in range(n)]
             except Exception as e:  # a broken test script: a 500 the client can report
-                body = {"error": {"message": f"responder: {type(e).__name__}: {e}",
-                                  "type": "server_error"}}
-                return self._send(500, json.dumps(body).encode())
+                self._send(500, _error(f"responder: {type(e).__name__}: {e}", "server_error"))
+                return None
         choices = [{"index": i, "message": {"role": "assistant", "content": contents[i]},
                     "finish_reason": "stop", "logprobs": None} for i in range(n)]
         if fault == "empty":
@@ -166,8 +206,39 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 choices[0]["message"]["content"] = None
                 choices[0]["finish_reason"] = "length"
-        prompt_tokens = sum(len(str(m.get("content") or "")) for m in req.get("messages") or []) // 4 + 1
-        completion_tokens = sum(len(c) // 4 + 1 for c in contents)
+        elif fault in ("length", "content_filter"):
+            for c in choices:
+                text = c["message"]["content"]
+                c["message"]["content"] = text[: max(1, len(text) - 1)]
+                c["finish_reason"] = fault
+        return choices
+
+    def do_POST(self):
+        cfg = self.server.cfg  # type: ignore[attr-defined]
+        stats: ServerStats = self.server.stats  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        fault = self._draw_fault(cfg, stats)
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            return self._send(404, b'{"error": {"message": "not found", "type": "not_found"}}')
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            return self._send(400, b'{"error": {"message": "bad json", "type": "invalid_request_error"}}')
+        refused = self._refusal(cfg, req.get("model"))
+        if refused is not None:
+            return self._send(*refused)
+        if cfg["delay_s"]:
+            time.sleep(cfg["delay_s"])
+        if self._serve_fault(cfg, fault):
+            return
+        n = int(req.get("n") or 1)
+        choices = self._choices(cfg, req, n, fault)
+        if choices is None:
+            return
+        messages = req.get("messages") or []
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
+        completion_tokens = sum(len(c["message"]["content"] or "") // 4 + 1 for c in choices)
         body = {"id": f"chatcmpl-{stats.requests}", "object": "chat.completion",
                 "created": int(time.time()), "model": req.get("model", "echo"), "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -202,16 +273,34 @@ class ServerHandle:
 def start_server(delay_s: float = 0.0, fault_rate: float = 0.0, seed: int = 0, *,
                  faults: tuple[str, ...] = FAULTS, retry_after_s: float = 0.05,
                  hang_s: float = 1.0, script: list | None = None,
-                 host: str = "127.0.0.1", responder=None) -> ServerHandle:
+                 host: str = "127.0.0.1", responder=None, model: str | None = None,
+                 api_key: str | None = None, max_model_len: int | None = None) -> ServerHandle:
     server = _Server((host, 0), _Handler)
     server.stats = ServerStats()  # type: ignore[attr-defined]
     server.cfg = dict(delay_s=delay_s, fault_rate=fault_rate, rng=random.Random(seed),  # type: ignore[attr-defined]
                       faults=tuple(faults), retry_after_s=retry_after_s, hang_s=hang_s,
-                      script=list(script or []), responder=responder)
+                      script=list(script or []), responder=responder, model=model,
+                      api_key=api_key, max_model_len=max_model_len)
     thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
                               name="teacher-server", daemon=True)
     thread.start()
     return ServerHandle(server, thread)
+
+
+@contextlib.contextmanager
+def servers():
+    """A `start_server` that stops every server it started when the block ends (a fixture's
+    factory)."""
+    handles: list[ServerHandle] = []
+
+    def make(**kwargs) -> ServerHandle:
+        handles.append(start_server(**kwargs))
+        return handles[-1]
+    try:
+        yield make
+    finally:
+        for h in handles:
+            h.stop()
 
 
 def serve_forever_in_process(conn, **kwargs) -> None:

@@ -1,17 +1,22 @@
 """configs/pipelines/demo.yaml end to end: seeds -> rewrite(reasoning) -> difficulty ->
 decontaminate against the scripted loopback teacher, then chat JSONL -> token store -> 3 steps of
-`phijax train` on it (proves the trainer accepts what the pipeline produces)."""
+`phijax train` on it (proves the trainer accepts what the pipeline produces); and the file as
+shipped against `phijax serve` on a tiny model, where it stops with one line naming what is in
+its way."""
 import asyncio
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, read_metrics, run_cli  # noqa: E402
+from conftest import ROOT, read_metrics, run_cli, seven_or_eight_run  # noqa: E402
 from teacher_server import start_server  # noqa: E402
 
 from tools.decontam import Index  # noqa: E402
@@ -119,3 +124,68 @@ def test_demo_pipeline_to_training(tmp_path, cache_dir):
     assert metrics and metrics[-1]["step"] == 3
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses and all(math.isfinite(loss) and loss > 0 for loss in losses), losses
+
+
+def tools_cli(cwd: Path, *args) -> subprocess.CompletedProcess:
+    """`phijax-tools ARGS` in a fresh process, in `cwd` (the demo's relative paths land there)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([str(Path(sys.executable).parent / "phijax-tools"), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def tiny_server(tmp_path):
+    """`phijax serve` (make_server on port 0, in a thread) over a tiny run directory whose
+    model has a 256-token context and answers "7" or "8" forever."""
+    from phijax.serve import make_server
+    srv = make_server(seven_or_eight_run(tmp_path / "tiny"), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:   # shutdown() returns once serve_forever has
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.slow
+def test_demo_as_shipped_against_phijax_serve(tmp_path, tiny_server):
+    """The demo runs as shipped against `phijax serve`, or says in one line why not, before
+    any request: first the missing decontamination index, then (index built) its max_tokens
+    against the served context. Made to fit, the rewrite prompt is still longer than the tiny
+    model's context (every seed fails with that cause: exit 1); with a short prompt, the tiny
+    model's answers are cut off at max_tokens, and every seed fails with that cause."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "seeds.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "text": f"Sum {i}."})
+                                              + "\n" for i in range(2)))
+    url = tiny_server.url
+    run = ["run", ROOT / "configs" / "pipelines" / "demo.yaml", "input=seeds.jsonl",
+           f"teacher.base_url={url}", "teacher.model=tiny", "--no-progress"]
+    out = tools_cli(work, *run)
+    assert (out.returncode, out.stderr.strip()) == (2, (
+        "phijax-tools: error: stages[2].index: file data/evals/suite.npz does not exist; write "
+        "it with `phijax-tools decontam build EVALS.jsonl ... --out data/evals/suite.npz`"))
+    (work / "evals.jsonl").write_text(json.dumps({"text": "What is the sum of 2 and 3?"}) + "\n")
+    built = tools_cli(work, "decontam", "build", "evals.jsonl", "--out", "data/evals/suite.npz")
+    assert built.returncode == 0, built.stderr
+    out = tools_cli(work, *run)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert re.fullmatch(rf"phijax-tools: error: stages\[0\]\.max_tokens: 2048 \(plus ~\d+ for "
+                        rf"the prompt\) exceeds the context length 256 of model 'tiny' at "
+                        rf"{re.escape(url)}", out.stderr.strip()), out.stderr
+    assert tiny_server.stats["requests"] == 0 and not (work / "runs").exists()
+    fit = [*run, "stages.0.max_tokens=8", "stages.1.max_tokens=8", "teacher.max_retries=1",
+           "teacher.backoff_base_s=0.01"]
+    out = tools_cli(work, *fit)
+    assert (out.returncode, out.stderr.strip()) == (1, (
+        "phijax-tools: error: 2 of 2 seeds failed (TeacherError: HTTP 400 "
+        "context_length_exceeded 2); runs/pipelines/demo/failures.jsonl has each"))
+    assert tiny_server.stats["requests"] == 2                 # a 400 is not retried
+    (work / "short.txt").write_text("### Problem\n{text}")
+    out = tools_cli(work, *fit, "stages.0.reasoning_file=short.txt", "output=runs/short")
+    assert (out.returncode, out.stderr.strip()) == (1, (
+        "phijax-tools: error: 2 of 2 seeds failed (TeacherError: finish_reason length 2); "
+        "runs/short/failures.jsonl has each"))
+    assert tiny_server.stats["requests"] == 2 + 4             # two tries a seed
+    assert json.loads(out.stdout)["records"] == 0

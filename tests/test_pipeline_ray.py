@@ -233,3 +233,34 @@ def test_ray_failures_and_retry_failed(runs, secret, tmp_path):
         assert not (tmp_path / "run" / "failures.jsonl").read_text()
     finally:
         srv.stop()
+
+
+def test_ray_stops_on_a_refusal_and_on_too_many_failures(runs, secret, tmp_path):
+    """A refused model stops a Ray run with the local executor's one-line error, no seed marked
+    failed; answers cut off on every seed fail the run with the counts by cause."""
+    from tools.pipeline import PipelineFailed
+    from tools.teacher import TeacherRefused
+    refusing = start_server(model="right-model")
+    cutting = start_server(fault_rate=1.0, faults=("length",))
+    try:
+        with open(tmp_path / "seeds.jsonl", "w") as f:
+            for i in range(6):
+                f.write(json.dumps({"id": f"r{i}", "question": f"q{i}"}) + "\n")
+        raw = dict(runs["raw"]("x"), input=str(tmp_path / "seeds.jsonl"),
+                   output=str(tmp_path / "run"),
+                   teacher=dict(TEACHER, base_url=refusing.url, model="wrong-model"))
+        with pytest.raises(TeacherRefused) as e:
+            run_pipeline_ray(load_pipeline(raw=raw), progress=False)
+        assert str(e.value).startswith(f"teacher {refusing.url} refused model 'wrong-model': "
+                                       f"HTTP 404 model_not_found"), str(e.value)
+        failures = tmp_path / "run" / "failures.jsonl"
+        assert not failures.exists() or not failures.read_text()
+        raw = dict(raw, output=str(tmp_path / "run2"),
+                   teacher=dict(TEACHER, base_url=cutting.url, max_retries=1))
+        with pytest.raises(PipelineFailed) as e:
+            run_pipeline_ray(load_pipeline(raw=raw), progress=False)
+        assert str(e.value) == (f"6 of 6 seeds failed (TeacherError: finish_reason length 6); "
+                                f"{tmp_path / 'run2' / 'failures.jsonl'} has each")
+    finally:
+        refusing.stop()
+        cutting.stop()

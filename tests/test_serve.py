@@ -136,6 +136,7 @@ def test_models_lists_the_run(client, server, run_dir):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny-serve"] == [server.model_name]
     assert models[0].object == "model"
+    assert models[0].max_model_len == server.sampler.max_len   # vLLM's field: the context length
     assert client.models.retrieve("tiny-serve").id == "tiny-serve"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")

@@ -19,10 +19,11 @@ for p in (ROOT, Path(__file__).resolve().parent):  # `tools` is a top-level pack
 
 pytest.importorskip("openai")
 
-from teacher_server import start_server  # noqa: E402
+from teacher_server import FAULTS, servers  # noqa: E402
 from tools import teacher as teacher_module  # noqa: E402
 from tools.cache import Cache  # noqa: E402
-from tools.teacher import Teacher, TeacherConfig, TeacherError, parse_retry_after  # noqa: E402
+from tools.teacher import (Teacher, TeacherConfig, TeacherError, TeacherRefused,  # noqa: E402
+                           parse_retry_after)
 
 SECRET = "sk-test-7f3a9c1e-DO-NOT-LEAK-5b2d"
 KEY_ENV = "PHIJAX_TEST_TEACHER_KEY"
@@ -46,18 +47,19 @@ async def _run(teacher: Teacher, coros_fn):
         await teacher.aclose()
 
 
+def _raises(exc_type, coro_fn):
+    """A coroutine function for `_run` that expects `exc_type` and returns it."""
+    async def go(t):
+        with pytest.raises(exc_type) as ei:
+            await coro_fn(t)
+        return ei.value
+    return go
+
+
 @pytest.fixture
 def server():
-    handles = []
-
-    def make(**kw):
-        h = start_server(**kw)
-        handles.append(h)
-        return h
-
-    yield make
-    for h in handles:
-        h.stop()
+    with servers() as make:
+        yield make
 
 
 def test_faulty_server_all_calls_right(server, monkeypatch):
@@ -76,8 +78,9 @@ def test_faulty_server_all_calls_right(server, monkeypatch):
     for i, r in enumerate(results):
         assert r == [f"echo: q{i}"] * (1 + i % 3)
     st = srv.stats.snapshot()
-    # every kind of fault was injected and each cost one retry
-    assert set(st["faults"]) == {"429", "500", "timeout", "reset", "malformed", "empty", "truncated"}
+    # every kind of fault was injected (answers cut off at max_tokens or by a content filter
+    # among them: never returned) and each cost one retry
+    assert set(st["faults"]) == set(FAULTS)
     assert st["fault_total"] > 50
     assert teacher.usage["retries"] == st["fault_total"]
     assert teacher.usage["requests"] == st["requests"] == 300 + st["fault_total"]
@@ -114,13 +117,7 @@ def test_bad_request_not_retried(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     srv = server(script=["400"])
     teacher = Teacher(fast_cfg(srv.url, backoff_base_s=1.0, backoff_max_s=5.0))
-
-    async def go(t):
-        with pytest.raises(TeacherError) as ei:
-            await t.chat(user("bad"))
-        return ei.value
-
-    err = asyncio.run(_run(teacher, go))
+    err = asyncio.run(_run(teacher, _raises(TeacherError, lambda t: t.chat(user("bad")))))
     assert "400" in str(err) and "\n" not in str(err) and SECRET not in str(err)
     # raised at once: a retry would have reached the server (and, the script spent, succeeded)
     assert srv.stats.snapshot()["requests"] == 1
@@ -131,15 +128,92 @@ def test_retries_exhausted_one_line_error(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     srv = server(fault_rate=1.0, faults=("500",))
     teacher = Teacher(fast_cfg(srv.url, max_retries=3))
-
-    async def go(t):
-        with pytest.raises(TeacherError) as ei:
-            await t.chat(user("never"))
-        return ei.value
-
-    err = asyncio.run(_run(teacher, go))
+    err = asyncio.run(_run(teacher, _raises(TeacherError, lambda t: t.chat(user("never")))))
     assert "4 attempts" in str(err) and "HTTP 500" in str(err) and "\n" not in str(err)
     assert srv.stats.snapshot()["requests"] == 4
+
+
+def test_cut_off_answers_are_retried_never_cached(server, monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(script=["length", "content_filter"])
+    cache = Cache(tmp_path / "c.sqlite")
+    teacher = Teacher(fast_cfg(srv.url), cache=cache)
+    out = asyncio.run(_run(teacher, lambda t: t.chat(user("ANSWER"), max_tokens=8)))
+    assert out == ["echo: ANSWER"]
+    assert srv.stats.snapshot()["requests"] == 3 and teacher.usage["retries"] == 2
+    (entry,) = [cache.get(k) for k in _keys(cache)]
+    assert entry["choices"] == ["echo: ANSWER"] and entry["finish_reasons"] == ["stop"]
+    cache.close()
+
+
+def _keys(cache: Cache) -> list[str]:
+    with cache._lock:
+        return [k for (k,) in cache._db.execute("SELECT key FROM responses")]
+
+
+def test_still_cut_off_after_retries_fails_and_caches_nothing(server, monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(fault_rate=1.0, faults=("length",))
+    cache = Cache(tmp_path / "c.sqlite")
+    teacher = Teacher(fast_cfg(srv.url, max_retries=2), cache=cache)
+    err = asyncio.run(_run(teacher, _raises(TeacherError, lambda t: t.chat(user("ANSWER"), n=2))))
+    msg = str(err)
+    assert "3 attempts" in msg and "finish_reason length" in msg and "\n" not in msg, msg
+    assert err.kind == "finish_reason length"
+    assert srv.stats.snapshot()["requests"] == 3 and len(cache) == 0
+    assert teacher.usage["completion_tokens"] > 0       # cut-off answers are paid for too
+    cache.close()
+
+
+def test_accepting_cut_off_answers_is_opt_in_with_its_own_cache_key(server, monkeypatch,
+                                                                    tmp_path):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(script=["length"])
+    cache = Cache(tmp_path / "c.sqlite")
+
+    async def go(t):
+        cut = await t.chat(user("ANSWER"), allow_truncated=True)
+        again = await t.chat(user("ANSWER"), allow_truncated=True)     # from the cache
+        whole = await t.chat(user("ANSWER"))     # not the accepted cut-off answer: a request
+        return cut, again, whole
+
+    teacher = Teacher(fast_cfg(srv.url), cache=cache)
+    cut, again, whole = asyncio.run(_run(teacher, go))
+    assert cut == again == ["echo: ANSWE"] and whole == ["echo: ANSWER"]
+    assert srv.stats.snapshot()["requests"] == 2 and teacher.usage["cache_hits"] == 1
+    assert len(cache) == 2
+    cache.close()
+
+
+@pytest.mark.parametrize("how", ["model", "key", "403"])
+def test_refusal_stops_at_once_naming_endpoint_and_model(server, monkeypatch, how):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(model="real-model" if how == "model" else None,
+                 api_key="another-key" if how == "key" else None,
+                 script=["403"] if how == "403" else None)
+    teacher = Teacher(fast_cfg(srv.url, model="wrong-model", backoff_base_s=1.0))
+    err = asyncio.run(_run(teacher, _raises(TeacherRefused, lambda t: t.chat(user("hi")))))
+    msg = str(err)
+    code = {"model": "HTTP 404 model_not_found", "key": "HTTP 401 invalid_api_key",
+            "403": "HTTP 403 permission_denied"}[how]
+    assert msg.startswith(f"teacher {srv.url} refused model 'wrong-model': {code}"), msg
+    assert "\n" not in msg and SECRET not in msg
+    assert srv.stats.snapshot()["requests"] == 1 and teacher.usage["retries"] == 0
+
+
+def test_model_card(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = server(model="echo-1", max_model_len=4096)
+    card = asyncio.run(_run(Teacher(fast_cfg(srv.url)), lambda t: t.model_card()))
+    assert card["id"] == "echo-1" and card["max_model_len"] == 4096
+    other = asyncio.run(_run(Teacher(fast_cfg(srv.url, model="x")), lambda t: t.model_card()))
+    assert other is None                       # not listed: nothing known, not an error
+    down = Teacher(fast_cfg("http://127.0.0.1:9/v1"))   # nothing listens: nothing known
+    assert asyncio.run(_run(down, lambda t: t.model_card())) is None
+    locked = server(api_key="another-key")
+    err = asyncio.run(_run(Teacher(fast_cfg(locked.url)),
+                           _raises(TeacherRefused, lambda t: t.model_card())))
+    assert f"teacher {locked.url} refused model 'echo-1': HTTP 401" in str(err)
 
 
 def test_cache_hits_make_no_requests(server, monkeypatch, tmp_path):

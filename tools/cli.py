@@ -40,7 +40,7 @@ def _model_command(sub, name: str, help_: str, records: tuple[str, str], out: st
 # ---------------------------------------------------------------- run
 
 def _run(args) -> int:
-    from tools.pipeline import load_pipeline, run_pipeline, run_pipeline_ray
+    from tools.pipeline import PipelineFailed, load_pipeline, run_pipeline, run_pipeline_ray
 
     if args.executor == "ray":
         try:
@@ -52,6 +52,9 @@ def _run(args) -> int:
         print(f"ok: {args.pipeline}: {len(pipe.stages)} stages, {pipe.shards} shards, "
               f"output {pipe.output}")
         return 0
+    import logging
+    for noisy in ("httpx", "httpx2"):   # a line per teacher request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.main_process:  # a real process: SIGTERM saves finished seeds like Ctrl-C does
         import signal
 
@@ -69,12 +72,19 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished seeds are saved, rerun to resume", file=sys.stderr)
         return 130
+    except PipelineFailed as e:   # everything is written; too many seeds failed
+        print(json.dumps(e.summary))
+        print(f"phijax-tools: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run or resume a teacher pipeline")
+    p = sub.add_parser("run", help="run or resume a teacher pipeline",
+                       epilog="exit status: 0 done; 1 more than max_failed_fraction of the seeds "
+                       "failed (failures.jsonl has each); 2 a mistake in the pipeline or an "
+                       "endpoint that refuses the key or model; 130 interrupted")
     p.add_argument("pipeline", help="pipeline YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. shards=8 teacher.concurrency=16 stages.0.n=2")
@@ -87,7 +97,8 @@ def _add_run(sub) -> None:
                    help="process seeds recorded in failures.jsonl again")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--check", action="store_true",
-                   help="validate the pipeline and exit (no network)")
+                   help="validate the pipeline (its stages, templates and record fields against "
+                   "the first seed) and exit (no network)")
     p.set_defaults(fn=_run)
 
 

@@ -36,7 +36,7 @@ from phijax.errors import ConfigError, DataError, EndpointError
 from phijax.eval.questions import question_seed
 from phijax.files import read_jsonl, write_jsonl
 from phijax.hashing import sha256_hex
-from tools.teacher import TeacherConfig, TeacherError
+from tools.teacher import TeacherConfig, TeacherError, TeacherRefused
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "judge.txt"
 SKIP_REASONS = ("identical", "unparseable", "inconsistent", "teacher_error")
@@ -216,6 +216,8 @@ class _Judge:
             reply = await self.teacher.chat([{"role": "user", "content": content}], n=1,
                                             temperature=0.0, max_tokens=self.max_tokens,
                                             template_version=self.version)
+        except TeacherRefused:
+            raise  # a refused endpoint or model: no other pair can succeed either
         except TeacherError as e:
             return None, str(e)
         return parse_verdict(reply[0]), None

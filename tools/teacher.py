@@ -9,11 +9,17 @@
   TPM charges len(text)/4 + n*max_tokens before the call and corrects to the reported usage),
 * retries with exponential backoff and full jitter, honouring `Retry-After` / `retry-after-ms`
   (seconds or an HTTP date) on 429/503; retried: 408, 429, 5xx, timeouts, connection errors,
-  malformed JSON, fewer than n choices or a choice without content; any other 4xx raises
-  `TeacherError` at once,
+  malformed JSON, fewer than n choices, a choice without content, and a choice the endpoint cut
+  off (`finish_reason` "length" or "content_filter": not an answer, unless the caller passes
+  `allow_truncated=True`); 401, 403 and 404 raise `TeacherRefused` at once (naming the
+  endpoint and model), any other 4xx `TeacherError`,
 * a content-addressed cache (`tools.cache.Cache`) keyed by the full request, plus in-process
-  de-duplication of identical requests in flight,
+  de-duplication of identical requests in flight; only answers the caller accepts are stored,
+  and a request that accepts cut-off answers has a key of its own,
 * usage accounting: requests, cache_hits, retries, failures, prompt/completion tokens, cost.
+
+`model_card()` asks `GET {base_url}/models` for the model's entry (its `max_model_len`, as
+vLLM and `phijax serve` report the context length).
 
 The API key is read from the environment variable NAMED by `TeacherConfig.api_key_env`; it is
 never stored in the config, the cache, the usage numbers or error messages. If the variable is
@@ -29,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
@@ -65,15 +72,38 @@ class TeacherConfig:
 
 
 class TeacherError(EndpointError):
-    """A chat call failed for good (non-retryable error, or retries exhausted); one-line message."""
+    """A chat call failed for good (non-retryable error, or retries exhausted); one-line message.
+    `kind` names the cause in a few words ("finish_reason length", "HTTP 500", "timeout"), so
+    failures can be counted by cause."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+
+
+class TeacherRefused(TeacherError):
+    """The endpoint refuses this client or model (HTTP 401, 403, 404): no retry or other seed
+    can succeed, so a pipeline stops at the first one."""
+
+
+TRUNCATED = ("length", "content_filter")   # finish reasons of an answer cut off
+REFUSED = (401, 403, 404)                   # statuses no retry or other request gets past
+
+
+def _kind(why: str) -> str:
+    """The cause in a few words: the text before the first colon of a failure description."""
+    return why.split(":", 1)[0]
 
 
 class _Retryable(Exception):
-    """An attempt failed in a way worth retrying; `retry_after` is the server's hint, if any."""
+    """An attempt failed in a way worth retrying; `retry_after` is the server's hint, if any;
+    `usage` the tokens the attempt cost (an answer cut off is paid for all the same)."""
 
-    def __init__(self, why: str, retry_after: float | None = None):
+    def __init__(self, why: str, retry_after: float | None = None,
+                 usage: dict | None = None):
         super().__init__(why)
         self.retry_after = retry_after
+        self.usage = usage
 
 
 class _TokenBucket:
@@ -159,6 +189,13 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _status_message(e: openai.APIStatusError) -> str:
+    """The server's own message of an HTTP error, without the SDK's "Error code: N - "."""
+    text = getattr(e, "message", "") or str(e)
+    text = re.sub(r"^Error code: \d+ - ", "", str(text))
+    return _one_line(text, 200)
+
+
 def _text_len(messages: list[dict]) -> int:
     total = 0
     for m in messages:
@@ -203,13 +240,18 @@ class Teacher:
 
     async def chat(self, messages: list[dict], *, n: int = 1, temperature: float = 1.0,
                    max_tokens: int | None = None, seed: int | None = None,
-                   template_version: str = "", **params) -> list[str]:
-        """The n choices' message contents, cached by the full request."""
+                   template_version: str = "", allow_truncated: bool = False,
+                   **params) -> list[str]:
+        """The n choices' message contents, cached by the full request. A choice the endpoint
+        cut off (finish_reason "length" or "content_filter") is retried like a failed attempt
+        unless `allow_truncated`."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         request = dict(model=self.cfg.model, messages=messages, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, template_version=template_version,
                        params=params)
+        if allow_truncated:   # its own key: never served to a caller that refuses cut-off text
+            request["accept_truncated"] = True
         key = Cache.key(request)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -223,10 +265,12 @@ class Teacher:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            choices, usage = await self._call(messages, n, temperature, max_tokens, seed, params)
+            choices, reasons, usage = await self._call(messages, n, temperature, max_tokens,
+                                                       seed, params, allow_truncated)
             if self.cache is not None:
-                self.cache.put(key, {"choices": choices, "usage": usage,
-                                     "model": self.cfg.model, "created": time.time()})
+                self.cache.put(key, {"choices": choices, "finish_reasons": reasons,
+                                     "usage": usage, "model": self.cfg.model,
+                                     "created": time.time()})
             fut.set_result(choices)
             return list(choices)
         except BaseException as e:
@@ -235,6 +279,24 @@ class Teacher:
             raise
         finally:
             del self._inflight[key]
+
+    async def model_card(self) -> Optional[dict]:
+        """This model's entry in `GET {base_url}/models` (e.g. {"id", "max_model_len", ...});
+        None when the endpoint does not say (unreachable, no list, model not listed). A 401,
+        403 or 404 raises `TeacherRefused`."""
+        try:
+            async with asyncio.timeout(min(self.cfg.timeout_s, 10.0)):
+                raw = await self._client.get("/models", cast_to=httpx.Response)
+                data = json.loads(await raw.aread())
+        except openai.APIStatusError as e:
+            if e.status_code in REFUSED:
+                raise self._refused(e) from None
+            return None
+        except Exception:   # noqa: BLE001 - unreachable or not a list: nothing is known
+            return None
+        models = data.get("data") if isinstance(data, dict) else None
+        return next((m for m in models or [] if isinstance(m, dict)
+                     and m.get("id") == self.cfg.model), None)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -253,7 +315,7 @@ class Teacher:
                                             self.cfg.backoff_base_s * (2.0 ** attempt)))
         return jitter if retry_after is None else max(retry_after, jitter)
 
-    async def _call(self, messages, n, temperature, max_tokens, seed, params):
+    async def _call(self, messages, n, temperature, max_tokens, seed, params, allow_truncated):
         body: dict[str, Any] = dict(model=self.cfg.model, messages=messages, n=n,
                                     temperature=temperature)
         if max_tokens is not None:
@@ -285,9 +347,11 @@ class Teacher:
                         raw = await self._client.post("/chat/completions", body=body,
                                                       cast_to=httpx.Response, options=options)
                         data = json.loads(await raw.aread())
-                choices, usage = self._validate(data, n)
+                choices, reasons, usage = self._validate(data, n, allow_truncated)
             except _Retryable as e:
                 last, retry_after = str(e), e.retry_after
+                if e.usage is not None:
+                    self._account(e.usage, estimate)
             except Exception as e:
                 if self._tpm is not None:
                     self._tpm.credit(estimate)
@@ -297,24 +361,27 @@ class Teacher:
                     retry_after = parse_retry_after(e.response.headers)
             else:
                 self._account(usage, estimate)
-                return choices, usage
+                return choices, reasons, usage
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(self._backoff(attempt, retry_after))
         self.usage["failures"] += 1
         raise TeacherError(_one_line(f"teacher request failed after {self.cfg.max_retries + 1} "
-                                     f"attempts; last error: {last}"))
+                                     f"attempts; last error: {last}"), _kind(last))
 
     def _classify(self, e: Exception) -> str:
         """One-line description of a retryable error; raises TeacherError for the others."""
         if isinstance(e, openai.APIStatusError):
             code = e.status_code
-            why = f"HTTP {code}: {_one_line(getattr(e, 'message', '') or e, 200)}"
+            why = f"HTTP {code}: {_status_message(e)}"
             if code in (408, 429) or code >= 500:
                 return why
             self.usage["failures"] += 1
-            raise TeacherError(_one_line(f"teacher request rejected (not retried): {why}")) from None
+            if code in REFUSED or e.code == "model_not_found":
+                raise self._refused(e) from None
+            raise TeacherError(_one_line(f"teacher request rejected (not retried): {why}"),
+                               f"HTTP {code}" + (f" {e.code}" if e.code else "")) from None
         if isinstance(e, (TimeoutError, openai.APITimeoutError)):
-            return f"timeout after {self.cfg.timeout_s:g}s"
+            return f"timeout: no answer within {self.cfg.timeout_s:g}s"
         if isinstance(e, (openai.APIConnectionError, httpx.TransportError, ConnectionError)):
             cause = e.__cause__ or e
             detail = _one_line(cause, 150)
@@ -324,10 +391,18 @@ class Teacher:
             return f"malformed response: {type(e).__name__}: {_one_line(e, 150)}"
         self.usage["failures"] += 1
         raise TeacherError(_one_line(f"teacher request failed (not retried): "
-                                     f"{type(e).__name__}: {e}")) from None
+                                     f"{type(e).__name__}: {e}"), type(e).__name__) from None
+
+    def _refused(self, e: openai.APIStatusError) -> TeacherRefused:
+        """The one-line error for a refusal: the endpoint, the model, the status and code."""
+        code = f"HTTP {e.status_code}" + (f" {e.code}" if e.code else "")
+        return TeacherRefused(_one_line(f"teacher {self.cfg.base_url} refused model "
+                                        f"{self.cfg.model!r}: {code}: {_status_message(e)}"),
+                              code)
 
     @staticmethod
-    def _validate(data: Any, n: int) -> tuple[list[str], dict]:
+    def _validate(data: Any, n: int,
+                  allow_truncated: bool = False) -> tuple[list[str], list, dict]:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list):
             raise _Retryable(f"malformed response: no choices list in {type(data).__name__}")
@@ -338,17 +413,23 @@ class Teacher:
             i = c.get("index") if isinstance(c, dict) else None
             return i if isinstance(i, int) else 0
 
+        u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage = dict(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                     completion_tokens=int(u.get("completion_tokens") or 0))
         out: list[str] = []
+        reasons: list = []
         for i, c in enumerate(sorted(choices, key=index)[:n]):
             msg = c.get("message") if isinstance(c, dict) else None
             content = msg.get("content") if isinstance(msg, dict) else None
             if not isinstance(content, str) or not content:
                 raise _Retryable(f"truncated response: choice {i} has no content")
+            reason = c.get("finish_reason")
+            if reason in TRUNCATED and not allow_truncated:
+                raise _Retryable(f"finish_reason {reason}: choice {i} of {n} was cut off "
+                                 f"after {len(content)} characters", usage=usage)
             out.append(content)
-        u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        usage = dict(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                     completion_tokens=int(u.get("completion_tokens") or 0))
-        return out, usage
+            reasons.append(reason)
+        return out, reasons, usage
 
     def _account(self, usage: dict, estimate: float) -> None:
         p, c = usage["prompt_tokens"], usage["completion_tokens"]

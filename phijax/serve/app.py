@@ -1,7 +1,8 @@
 """The HTTP side of `phijax serve`: routing, the two generation endpoints, token text.
 
 Endpoints (OpenAI wire format, JSON in and out, no streaming):
-  GET  /v1/models               the one model, named after the run directory (or --model-name)
+  GET  /v1/models               the one model, named after the run directory (or --model-name),
+                                with its context length as `max_model_len`
   GET  /v1/models/{id}
   POST /v1/completions          prompt: a string, a list of strings, token ids, or lists of ids
   POST /v1/chat/completions     messages rendered with phi-4's chat template
@@ -214,8 +215,10 @@ class Server(ThreadingHTTPServer):
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def model_card(self) -> dict:
+        """The model as /v1/models lists it, with its context length in tokens under vLLM's
+        name, `max_model_len` (clients check max_tokens against it before sending)."""
         return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "phijax"}
+                "owned_by": "phijax", "max_model_len": self.sampler.max_len}
 
     # The generation endpoints (called from handler threads).
 

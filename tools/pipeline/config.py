@@ -9,14 +9,16 @@
     shards: 4                     # records-0000k-of-00004.jsonl, by hash of the seed id
     cache: null                   # default <output>/cache.sqlite; a path; or false (no cache)
     concurrency: null             # seeds in flight (default 2x teacher.concurrency)
+    max_failed_fraction: 0.5      # more of the run's seeds failed (or all): exit status 1
     stages:
       - {name: answer, type: prompt, template: "Q: {question}\\nA:", n: 4, output_field: answer}
       - {name: nonempty, type: filter, field: answer, min_length: 1}
 
 Relative paths are relative to the working directory. `load_pipeline` reads the file through
 `phijax.config.load` (dotted `key=value` overrides, `stages.0.n=2` for a list item) and builds
-every stage from its type's config, so that any mistake fails with one line naming the key
-(`PipelineError`) before a network call.
+every stage from its type's config, then checks every record field and template placeholder
+of the stages against the first seed record (`tools.pipeline.preflight`), so that any mistake
+fails with one line naming the key (`PipelineError`) before a network call.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Optional, Union
 
 from phijax.config import load, positive, ranged
 from phijax.errors import ConfigError
+from tools.pipeline.preflight import check_record_fields, first_seed
 from tools.pipeline.stage import STAGES, PipelineError, Stage
 from tools.teacher import TeacherConfig
 
@@ -44,6 +47,8 @@ class PipelineConfig:
     concurrency: Optional[int] = positive(None)   # seeds in flight; default 2x teacher's
     batch_size: int = positive(64)         # seeds per fsync batch
     flush_interval_s: float = positive(0.5)
+    # A run ends with exit status 1 when more than this share of its seeds failed, or all did.
+    max_failed_fraction: float = ranged(0.5, ge=0, le=1)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Pipeline:
     concurrency: int              # seeds in flight
     batch_size: int = 64
     flush_interval_s: float = 0.5
+    max_failed_fraction: float = 0.5
     path: Optional[Path] = field(default=None, compare=False)
 
     def fingerprint(self) -> dict:
@@ -113,6 +119,7 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] = (),
             if stage.name in {s.name for s in stages}:
                 raise PipelineError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
             stages.append(stage)
+        check_record_fields(stages, first_seed(Path(cfg.input)))
     except PipelineError:
         raise
     except ConfigError as e:
@@ -124,4 +131,4 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] = (),
         cache=(Path(cfg.output) / "cache.sqlite" if cache in (None, True)
                else None if cache is False else Path(cache)),
         batch_size=cfg.batch_size, flush_interval_s=cfg.flush_interval_s,
-        path=Path(path) if path else None)
+        max_failed_fraction=cfg.max_failed_fraction, path=Path(path) if path else None)

@@ -4,20 +4,29 @@ Each seed runs through every stage (`process_seed`); finished seeds are committe
 directory in batches (`RunDir.commit`: records, then done markers), at the latest every
 `flush_interval_s`, and whatever finished is committed on error or Ctrl-C too. A rerun skips
 the seeds already done, so an interrupted run resumes where it stopped.
+
+A seed whose stage fails (`StageError`, or a `TeacherError` after the teacher's retries) is
+recorded in failures.jsonl with its cause; a teacher that refuses the client or model
+(`TeacherRefused`) stops the whole run at once, its seeds left to do for a rerun. At the end,
+`check_failed` fails the run (`PipelineFailed`) when more than `max_failed_fraction` of its
+seeds failed, or all of them.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tools.pipeline.config import Pipeline
+from tools.pipeline.preflight import check_endpoint
 from tools.pipeline.rundir import Batch, RunDir, iter_seeds, seed_id_of
-from tools.pipeline.stage import StageContext, StageError, now
-from tools.teacher import Teacher, TeacherError
+from tools.pipeline.stage import PipelineFailed, StageContext, StageError, now
+from tools.teacher import Teacher, TeacherError, TeacherRefused
 
 
 def stderr_log(msg: str) -> None:
@@ -36,11 +45,13 @@ def make_scrub(secret: Optional[str]) -> Callable[[str], str]:
     return lambda text: text.replace(secret, "***")
 
 
-def open_teacher(pipe: Pipeline, api_key: Optional[str] = None) -> tuple[Teacher, Any]:
-    """The pipeline's Teacher and its Cache (None without one). `api_key` (a Ray task gets the
-    driver's) is put in the environment only while the client is built."""
+def open_teacher(pipe: Pipeline, api_key: Optional[str] = None,
+                 with_cache: bool = True) -> tuple[Teacher, Any]:
+    """The pipeline's Teacher and its Cache (None without one, or without `with_cache`).
+    `api_key` (a Ray task gets the driver's) is put in the environment only while the client
+    is built."""
     cache = None
-    if pipe.cache is not None:
+    if pipe.cache is not None and with_cache:
         from tools.cache import Cache
         cache = Cache(pipe.cache)
     name = pipe.teacher.api_key_env
@@ -71,14 +82,37 @@ async def process_seed(pipe: Pipeline, seed: dict, seed_id: str,
     for stage in pipe.stages:
         try:
             outs = await asyncio.gather(*(stage.run(r, ctx) for r in records))
+        except TeacherRefused:
+            raise   # no other seed can get past it either: the run stops
         except (TeacherError, StageError) as e:
             reason = f"{type(e).__name__}: {str(e).strip()}"
             return [], {"seed_id": seed_id, "stage": stage.name, "reason": reason,
-                        "time": now()}
+                        "kind": failure_kind(e), "time": now()}
         records = [o for out in outs for o in out]
         if not records:
             break
     return records, None
+
+
+def failure_kind(e: Exception) -> str:
+    """The cause of a seed's failure in a few words, for counting failures by cause: the
+    teacher's `kind` ("finish_reason length", "HTTP 500"), else the message without the
+    record's id."""
+    kind = getattr(e, "kind", None) or re.sub(r"\brecord '[^']*'", "record", str(e).strip())
+    return f"{type(e).__name__}: {kind}"
+
+
+def check_failed(run: RunDir, pipe: Pipeline, result: dict) -> None:
+    """Raise `PipelineFailed` (one line: counts by cause) when more than
+    `pipe.max_failed_fraction` of the run directory's seeds failed, or all of them."""
+    total, failed = len(run.done), run.failed
+    if not failed or (failed < total and failed <= pipe.max_failed_fraction * total):
+        return
+    kinds = Counter(f.get("kind") or str(f.get("reason", "")).split(":")[0]
+                    for f in run.failures())
+    causes = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+    raise PipelineFailed(f"{failed} of {total} seeds failed ({causes}); "
+                         f"{run.main_failures_path} has each", result)
 
 
 class PendingSeeds:
@@ -226,15 +260,21 @@ def summary(run: RunDir, counts: dict, seconds: float, usage: dict, pipe: Pipeli
 async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: bool = False,
                        teacher: Any = None, log: Callable[[str], None] = stderr_log) -> dict:
     """Run (or resume) a pipeline in this process; returns a summary dict. `teacher` replaces
-    the Teacher built from `pipe.teacher` (tests, custom clients)."""
+    the Teacher built from `pipe.teacher` (tests, custom clients). Raises `PipelineFailed`
+    (after writing everything) when too many seeds failed, `TeacherRefused` when the endpoint
+    refuses, and `PipelineError` when a stage's max_tokens cannot fit the served context."""
     run = RunDir(pipe)
     cache = None
     own_teacher = teacher is None
     try:
+        if own_teacher:
+            teacher, _ = open_teacher(pipe, with_cache=False)
+        await check_endpoint(pipe.stages, teacher)   # before the run directory is touched
         log_resume(run.open(retry_failed=retry_failed), log)
         scrub = make_scrub(os.environ.get(pipe.teacher.api_key_env))
-        if own_teacher:
-            teacher, cache = open_teacher(pipe)
+        if own_teacher and pipe.cache is not None:
+            from tools.cache import Cache
+            cache = teacher.cache = Cache(pipe.cache)
         ctx = StageContext(teacher=teacher, model=pipe.teacher.model)
         already, failed_before = len(run.done), run.failed
         bar = ProgressBar(progress, count_seeds(pipe.input), already, pipe.output.name)
@@ -254,7 +294,9 @@ async def run_pipeline(pipe: Pipeline, *, progress: bool = True, retry_failed: b
             save_usage()
             show(force=True)
             bar.close()
-        return summary(run, counts, time.monotonic() - t0, teacher.usage, pipe, log)
+        result = summary(run, counts, time.monotonic() - t0, teacher.usage, pipe, log)
+        check_failed(run, pipe, result)
+        return result
     finally:
         if own_teacher and teacher is not None:
             await teacher.aclose()

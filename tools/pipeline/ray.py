@@ -1,17 +1,20 @@
 """The Ray executor: the same pipeline with one Ray task per output shard.
 
-The driver holds `state/lock`, recovers the run directory like the local executor, scans the
-input once (duplicate and done seeds, which shards have work) and submits a task for each shard
-with pending seeds, biggest first. Task k reads the input itself, keeps the seeds whose shard is
-k, and runs them through its own async Teacher (the shared SQLite cache in the run directory:
-WAL, safe across processes and nodes of a POSIX shared filesystem) with the local executor's
-batching; it is the only writer of records-0000k-of-N.jsonl, state/done-0000k.jsonl and
-state/failures-0000k.jsonl (same records-then-markers order, so the same crash safety; a task
-Ray retries after its worker or node died recovers its own files first). A progress actor
-collects each task's done count and teacher usage; the driver shows them in a tqdm bar and
-writes usage.json. At the end the driver folds the per-shard logs into state/done.jsonl and
-failures.jsonl, so the finished run directory has the local executor's layout and either
-executor can resume it.
+The driver first asks the endpoint for the model's context length (`check_endpoint`, as the
+local executor does), then holds `state/lock`, recovers the run directory like the local
+executor, scans the input once (duplicate and done seeds, which shards have work) and submits a
+task for each shard with pending seeds, biggest first. Task k reads the input itself, keeps the
+seeds whose shard is k, and runs them through its own async Teacher (the shared SQLite cache in
+the run directory: WAL, safe across processes and nodes of a POSIX shared filesystem) with the
+local executor's batching; it is the only writer of records-0000k-of-N.jsonl,
+state/done-0000k.jsonl and state/failures-0000k.jsonl (same records-then-markers order, so the
+same crash safety; a task Ray retries after its worker or node died recovers its own files
+first). A progress actor collects each task's done count and teacher usage; the driver shows
+them in a tqdm bar and writes usage.json. At the end the driver folds the per-shard logs into
+state/done.jsonl and failures.jsonl, so the finished run directory has the local executor's
+layout and either executor can resume it. A task that stops on a user's mistake (the endpoint
+refuses the key or model) cancels the others and the driver raises that error as it is; too
+many failed seeds raise `PipelineFailed`, as locally.
 
 Each task gets the full teacher.concurrency and pipeline concurrency; requests_per_minute and
 tokens_per_minute are split evenly over the tasks that can run at once (min(tasks, CPUs of the
@@ -30,9 +33,12 @@ import uuid
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from phijax.errors import UserError
 from tools.pipeline.config import Pipeline
-from tools.pipeline.local import (PendingSeeds, ProgressBar, log_resume, make_scrub, new_counts,
-                                  open_teacher, run_seeds, stderr_log, summary)
+from tools.pipeline.local import (PendingSeeds, ProgressBar, check_failed, log_resume,
+                                  make_scrub, new_counts, open_teacher, run_seeds, stderr_log,
+                                  summary)
+from tools.pipeline.preflight import check_endpoint
 from tools.pipeline.rundir import RunDir, shard_of, sum_usage
 from tools.pipeline.stage import PipelineError, StageContext
 
@@ -113,6 +119,15 @@ def _scan(pipe: Pipeline, run: RunDir) -> tuple[int, dict, dict[int, int]]:
     counts = new_counts()
     todo = Counter(shard_of(sid, pipe.shards) for sid, _ in PendingSeeds(pipe, run, counts, None))
     return sum(todo.values()) + counts["duplicate"] + counts["skipped"], counts, dict(todo)
+
+
+async def _check_endpoint(pipe: Pipeline) -> None:
+    """`check_endpoint` with a Teacher of the driver's own, closed again."""
+    teacher, _ = open_teacher(pipe, with_cache=False)
+    try:
+        await check_endpoint(pipe.stages, teacher)
+    finally:
+        await teacher.aclose()
 
 
 def _start_ray(num_cpus: Optional[int]) -> None:
@@ -221,7 +236,7 @@ class _Driver:
             _, left = ray.wait(list(refs), num_returns=len(refs), timeout=30)
             self.ended = not left
             raise
-        if isinstance(error, PipelineError):
+        if isinstance(error, UserError):
             raise error
         if error is not None:
             raise PipelineError(f"ray: shard task failed: {_one_line_error(error)}")
@@ -257,6 +272,7 @@ def run_pipeline_ray(pipe: Pipeline, *, progress: bool = True, retry_failed: boo
     # Tasks may run in another working directory (or node): paths resolved on the driver.
     pipe = dataclasses.replace(pipe, input=pipe.input.resolve(), output=pipe.output.resolve(),
                                cache=pipe.cache.resolve() if pipe.cache is not None else None)
+    asyncio.run(_check_endpoint(pipe))   # before the run directory is touched
     run = RunDir(pipe)
     started = False
     try:
@@ -275,7 +291,9 @@ def run_pipeline_ray(pipe: Pipeline, *, progress: bool = True, retry_failed: boo
         finally:
             driver.finish()
         counts.update(ok=driver.part["ok"], failed=driver.part["failed"])
-        return summary(run, counts, time.monotonic() - t0, driver.usage, pipe, log)
+        result = summary(run, counts, time.monotonic() - t0, driver.usage, pipe, log)
+        check_failed(run, pipe, result)
+        return result
     finally:
         run.close()
         if started:

@@ -1,7 +1,8 @@
 """The run directory of a pipeline: output shards and crash-safe logs of what is done.
 
     records-00000-of-00004.jsonl ...   output records (only records, nothing else)
-    failures.jsonl                     {"seed_id", "stage", "reason", "time"} per failed seed
+    failures.jsonl                     {"seed_id", "stage", "reason", "kind", "time"} per
+                                       failed seed (`kind`: the cause in a few words)
     usage.json                         requests, cache hits, retries, tokens, cost (cumulative)
     cache.sqlite                       teacher responses (tools.cache), so reruns never pay twice
     state/done.jsonl                   {"seed_id", "status": ok|failed, "records": n} per seed
@@ -377,6 +378,10 @@ class RunDir:
             if failure is None:
                 self.records_written += len(records)
                 self.part["records"] += len(records)
+
+    def failures(self) -> list[dict]:
+        """The failure records of the whole run (failures.jsonl)."""
+        return _log(self.main_failures_path)
 
     def write_usage(self, usage: dict, extra: dict, scrub: Callable[[str], str]) -> None:
         doc = {"total": sum_usage(self.base_usage, usage), "this_run": usage, **extra, "updated": now()}

@@ -7,7 +7,9 @@ that every stage has), loaded by `phijax.config.from_dict`: an unknown key, a wr
 out-of-range value fails with one line naming the key (`stages[2].temperature`). A stage is
 built once from its config, `Stage(cfg, key)`, where checks that span fields or read files raise
 `PipelineError` naming `key`; then `async run(record, ctx)` maps one record to zero, one or
-several records.
+several records. A stage also says which record fields it reads (`reads`), which it adds
+(`adds`) and which prompt templates it renders (`prompt_templates`), so that a pipeline checks
+every field name against the seed records and the stages before it, ahead of any request.
 
 Records are flat JSON objects. A stage's output record (`child_record`) keeps its parent's
 fields, gets the id `<parent id>/<stage name>/<choice>` and one more entry
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from phijax.config import check_fields, from_dict
-from phijax.errors import ConfigError
+from phijax.errors import ConfigError, UserError
 from phijax.hashing import canonical_json
 
 RESERVED = ("id", "provenance")   # record fields the pipeline owns
@@ -34,6 +36,15 @@ RESERVED = ("id", "provenance")   # record fields the pipeline owns
 class PipelineError(ConfigError):
     """A bad pipeline file, stage parameter or run directory; the message is one line naming
     the key."""
+
+
+class PipelineFailed(UserError):
+    """A run ended with more of its seeds failed than `max_failed_fraction` allows (or all of
+    them); the message is one line with the counts by cause, `summary` the run's summary."""
+
+    def __init__(self, message: str, summary: Optional[dict] = None):
+        super().__init__(message)
+        self.summary = summary or {}
 
 
 class StageError(Exception):
@@ -56,10 +67,16 @@ def record_field(default: Any = dataclasses.MISSING, *,
     return field(default=default, default_factory=factory, metadata={"record_field": True})
 
 
-def file_field(default: Any = None) -> Any:
+def opt_in() -> Any:
+    """A switch, off by default, left out of the stage's fingerprint while off: turning it on
+    makes another pipeline, while adding it left earlier run directories resumable."""
+    return field(default=False, metadata={"opt_in": True})
+
+
+def file_field(default: Any = None, hint: str = "") -> Any:
     """A parameter naming a file that must exist; the fingerprint holds what the stage read from
-    it (a content hash), not its path."""
-    return field(default=default, metadata={"file": True})
+    it (a content hash), not its path. `hint` (with `{path}`) says how to make a missing one."""
+    return field(default=default, metadata={"file": True, "hint": hint})
 
 
 @dataclass(kw_only=True)
@@ -80,7 +97,9 @@ def _check_declared(cfg: StageConfig, key: str) -> None:
                                     f"{' or a list of them' if isinstance(value, list) else ''}"
                                     f" (not {' or '.join(RESERVED)}), got {value!r}")
         if f.metadata.get("file") and value is not None and not Path(value).is_file():
-            raise PipelineError(f"{key}.{f.name}: file {value} does not exist")
+            hint = f.metadata.get("hint", "").format(path=value)
+            raise PipelineError(f"{key}.{f.name}: file {value} does not exist"
+                                + (f"; {hint}" if hint else ""))
 
 
 # ---------------------------------------------------------------- stages and their registry
@@ -96,6 +115,7 @@ class Stage:
     """
     type = ""
     Config = StageConfig   # the dataclass of the stage type's parameters
+    ADDS: tuple[str, ...] = ()   # the record fields the stage's output records gain
 
     def __init__(self, cfg: StageConfig, key: str):
         _check_declared(cfg, key)
@@ -114,9 +134,30 @@ class Stage:
 
     def params(self) -> dict:
         """The config's values that decide the stage's output (file paths left out: `hashes`
-        stands for their content)."""
+        stands for their content; `opt_in` switches while off)."""
         return {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
-                if not f.metadata.get("file")}
+                if not f.metadata.get("file")
+                and not (f.metadata.get("opt_in") and not getattr(self.cfg, f.name))}
+
+    def reads(self) -> list[tuple[str, str]]:
+        """(parameter, record field) for each field a record must have for this stage: by
+        default every `record_field` parameter."""
+        out = []
+        for f in dataclasses.fields(self.cfg):
+            if f.metadata.get("record_field"):
+                value = getattr(self.cfg, f.name)
+                out += [(f.name, v) for v in (value if isinstance(value, list) else [value])]
+        return out
+
+    def adds(self) -> list[str]:
+        """The record fields this stage's output records have beyond its input's."""
+        return list(self.ADDS)
+
+    def prompt_templates(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(where, text, names) for each prompt template the stage renders: `where` names it
+        after the stage key (`template`, `critique_file: PATH`), `names` are what the stage
+        adds to the record for it (`{question}`, `{critique}`, ...)."""
+        return []
 
     @property
     def fingerprint(self) -> dict:
@@ -185,6 +226,16 @@ def child_record(record: dict, stage: Stage, choice: int, **prov) -> dict:
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template's placeholders use (`{a.b}` -> "a.b"), in order."""
+    return [m.group(1) for m in _PLACEHOLDER.finditer(template) if m.group(1)]
+
+
+def template_literal(template: str) -> str:
+    """The template's own text: placeholders left out, `{{`/`}}` as single braces."""
+    return _PLACEHOLDER.sub(lambda m: m.group(0)[0] if not m.group(1) else "", template)
 
 
 def render_template(template: str, record: dict) -> str:

@@ -27,10 +27,21 @@ class PromptConfig(SamplingConfig):
     n: int = positive(1)                  # samples: one output record each
 
 
+def looks_like_path(text: str) -> bool:
+    """One line without `{` that names an existing file or ends like a template file's name."""
+    t = text.strip()
+    if not t or "\n" in t or "{" in t or len(t) > 1024:
+        return False
+    return t.lower().endswith((".txt", ".md", ".jinja", ".j2")) or Path(t).is_file()
+
+
 def _text(cfg: PromptConfig, inline: str, key: str) -> Optional[str]:
     text, path = getattr(cfg, inline), getattr(cfg, f"{inline}_file")
     if text is not None and path is not None:
         raise PipelineError(f"{key}.{inline}: give either {inline} or {inline}_file, not both")
+    if text is not None and looks_like_path(text):
+        raise PipelineError(f"{key}.{inline}: {text!r} looks like a file path, not a template; "
+                            f"use {inline}_file to read a template from a file")
     return Path(path).read_text() if path is not None else text
 
 
@@ -50,6 +61,18 @@ class PromptStage(Stage):
         self.template_sha256 = sha256_hex(canonical_json({"system": self.system,
                                                           "template": self.template}))
         self.hashes["template_sha256"] = self.template_sha256
+
+    def reads(self) -> list[tuple[str, str]]:
+        return []   # the templates say what it reads; output_field is written
+
+    def adds(self) -> list[str]:
+        return [self.cfg.output_field]
+
+    def prompt_templates(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        return [(name if getattr(self.cfg, name) is not None else
+                 f"{name}_file: {getattr(self.cfg, f'{name}_file')}", text, ())
+                for name, text in (("system", self.system), ("template", self.template))
+                if text is not None]
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
         messages = []
@@ -119,6 +142,9 @@ class FilterStage(Stage):
 
     def params(self) -> dict:
         return {"field": self.cfg.field, "conds": self.conds}
+
+    def reads(self) -> list[tuple[str, str]]:
+        return [] if "exists" in self.conds else [("field", self.cfg.field)]
 
     def keep(self, record: dict) -> bool:
         c = self.conds

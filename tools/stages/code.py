@@ -89,6 +89,8 @@ class VerifyCodeStage(CodeStage):
     """
     Config = VerifyCodeConfig
     TEMPLATE_FILES = {"repair": ("repair_file", "repair.txt")}
+    VIEWS = {"repair": ("code", "tests", "error", "reason")}
+    ADDS = ("verified",)
 
     async def _repair(self, record: dict, ctx: StageContext, view: dict, repairs: int,
                       attempts: list[dict]) -> tuple[Optional[str], int]:
@@ -169,6 +171,11 @@ class ReverseInstructionStage(CodeStage):
     Config = ReverseInstructionConfig
     TEMPLATE_FILES = {"instruction": ("instruction_file", "reverse_instruction.txt"),
                       "regenerate": ("regenerate_file", "reverse_regenerate.txt")}
+    VIEWS = {"instruction": ("code",), "regenerate": ("code", "instruction")}
+    ADDS = ("instruction", "response", "fidelity")
+
+    def reads(self) -> list[tuple[str, str]]:
+        return [("code_field", self.cfg.code_field)]   # the tests are optional
 
     async def _score(self, code: str, regenerated: Optional[str],
                      tests: Optional[str]) -> tuple[float, Optional[bool], float]:

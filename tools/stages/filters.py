@@ -36,7 +36,8 @@ def _load(loader: Callable[[str], Any], path: str, key: str) -> Any:
 
 @dataclass(kw_only=True)
 class DecontaminateConfig(StageConfig):
-    index: str = file_field(dataclasses.MISSING)   # written by `phijax-tools decontam build`
+    index: str = file_field(dataclasses.MISSING, hint="write it with `phijax-tools decontam "
+                            "build EVALS.jsonl ... --out {path}`")
     field: list[str] = record_field(factory=lambda: ["text"])   # joined by newlines
 
 
@@ -101,6 +102,8 @@ class QualityLabelStage(TemplatedStage):
     """
     Config = QualityLabelConfig
     TEMPLATE_FILES = {"quality_score": ("template_file", "quality_score.txt")}
+    VIEWS = {"quality_score": ("text",)}
+    ADDS = ("quality_score",)
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
         from tools.quality import parse_score
@@ -115,7 +118,8 @@ class QualityLabelStage(TemplatedStage):
 
 @dataclass(kw_only=True)
 class QualityFilterConfig(StageConfig):
-    model: str = file_field(dataclasses.MISSING)   # written by `phijax-tools quality train`
+    model: str = file_field(dataclasses.MISSING, hint="write it with `phijax-tools quality "
+                            "train --data LABELLED.jsonl --out {path}`")
     field: str = record_field("text")
     threshold: float = ranged(0.5, ge=0, le=1)
 
@@ -130,6 +134,7 @@ class QualityFilterStage(Stage):
     dropped_low_quality. The model file's sha256 is part of the stage fingerprint.
     """
     Config = QualityFilterConfig
+    ADDS = ("quality_prob",)
 
     def __init__(self, cfg: QualityFilterConfig, key: str):
         super().__init__(cfg, key)

@@ -96,6 +96,8 @@ class DifficultyStage(TemplatedStage):
     """Phi-4's question-difficulty filter (`difficulty_filter` over k sampled answers)."""
     Config = DifficultyConfig
     TEMPLATE_FILES = {"difficulty": ("template_file", "difficulty.txt")}
+    VIEWS = {"difficulty": ("question",)}
+    ADDS = ("reference_answer", "reference_solution", "agreement")
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
         c = self.cfg
@@ -149,6 +151,7 @@ class SelfReviseStage(TemplatedStage):
     Config = SelfReviseConfig
     TEMPLATE_FILES = {"critique": ("critique_file", "critique.txt"),
                       "revise": ("revise_file", "revise.txt")}
+    VIEWS = {"critique": ("question", "answer"), "revise": ("question", "answer", "critique")}
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
         question = get_field(record, self.cfg.question_field)
@@ -218,6 +221,8 @@ class RewriteStage(TemplatedStage):
     kind (`stats["dropped_unparsed"]`).
     """
     Config = RewriteConfig
+    VIEWS = {kind: ("text",) for kind in REWRITE_KINDS}
+    ADDS = ("instruction", "response", "rewrite_kind")
 
     def __init__(self, cfg: RewriteConfig, key: str):
         kinds = cfg.kind
@@ -298,6 +303,8 @@ class QAExtractStage(TemplatedStage):
     """
     Config = QAExtractConfig
     TEMPLATE_FILES = {"qa_extract": ("template_file", "qa_extract.txt")}
+    VIEWS = {"qa_extract": ("text",)}
+    ADDS = ("question", "answer")
 
     async def run(self, record: dict, ctx: StageContext) -> list[dict]:
         view = dict(record, text=get_field(record, self.cfg.field))

@@ -5,6 +5,9 @@ use other files. They are rendered with `render_template` over the record plus t
 names (`{question}`, `{answer}`, `{critique}`, `{code}`, `{tests}`, `{error}`, ...); their
 sha256 goes into provenance (`template_sha256`, and per template in `templates`), into the
 stage fingerprint and into the teacher cache key (`template_version`).
+
+An answer the teacher cut off (finish_reason "length" or "content_filter") is retried and, if it
+stays cut off, fails the seed; a stage with `allow_truncated: true` accepts such answers.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any, Callable, Optional
 
 from phijax.config import positive, ranged
 from phijax.hashing import canonical_json, sha256_hex
-from tools.pipeline.stage import Stage, StageConfig, StageContext, child_record, render_template
+from tools.pipeline.stage import (Stage, StageConfig, StageContext, child_record, opt_in,
+                                  render_template)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
@@ -26,20 +30,24 @@ class SamplingConfig(StageConfig):
     max_tokens: Optional[int] = positive(None)
     seed: Optional[int] = None
     params: dict = field(default_factory=dict)   # more parameters, e.g. {top_p: 0.95}
+    allow_truncated: bool = opt_in()   # accept answers cut off at max_tokens or by a filter
 
 
 async def sample(ctx: StageContext, cfg: SamplingConfig, messages: list[dict], version: str,
                  n: int = 1) -> list[str]:
     """The teacher's n replies to `messages`; `version` (a template hash) is in the cache key."""
+    accept = {"allow_truncated": True} if cfg.allow_truncated else {}
     return await ctx.teacher.chat(messages, n=n, temperature=cfg.temperature,
                                   max_tokens=cfg.max_tokens, seed=cfg.seed,
-                                  template_version=version, **cfg.params)
+                                  template_version=version, **accept, **cfg.params)
 
 
 class TemplatedStage(Stage):
     """A stage whose prompts are template files. `TEMPLATE_FILES` maps each template's name to
-    (the config field naming another file, the default file in tools/templates)."""
+    (the config field naming another file, the default file in tools/templates); `VIEWS` maps
+    it to the names the stage adds to the record when it renders it."""
     TEMPLATE_FILES: dict[str, tuple[str, str]] = {}
+    VIEWS: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, cfg: SamplingConfig, key: str):
         super().__init__(cfg, key)
@@ -51,6 +59,11 @@ class TemplatedStage(Stage):
 
     def template_files(self) -> dict[str, tuple[str, str]]:
         return self.TEMPLATE_FILES
+
+    def prompt_templates(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        return [(f"{param}: {getattr(self.cfg, param) or TEMPLATES / default}",
+                 self.templates[name], self.VIEWS.get(name, ()))
+                for name, (param, default) in self.template_files().items()]
 
     async def ask(self, ctx: StageContext, template: str, view: dict, n: int = 1) -> list[str]:
         """The teacher's replies to template `template` rendered over `view`."""
