@@ -64,14 +64,15 @@ class Document:
     path: str | None = None  # files: relative path
 
 
-def check_specs(specs: list[str]) -> None:
+def check_specs(specs: list[str], what: str = "data.corpus:") -> None:
+    """Every spec is an embedded corpus or an existing path; errors begin with `what`."""
     for spec in specs:
         if spec.startswith("builtin:"):
             if spec not in BUILTINS:
-                raise ConfigError(f"data.corpus: unknown embedded corpus {spec!r}; "
-                                 f"choose from {', '.join(BUILTINS)}")
+                raise ConfigError(f"{what} {spec!r} is not an embedded corpus; "
+                                  f"choose from {', '.join(BUILTINS)}")
         elif not Path(spec).exists():
-            raise ConfigError(f"data.corpus: {spec} does not exist")
+            raise ConfigError(f"{what} {spec} does not exist")
 
 
 def _topics() -> dict:

@@ -61,15 +61,17 @@ def validate_mixture(cfg: MixtureConfig) -> None:
                           f"({', '.join(f'{s.name}={s.share:g}' for s in cfg.sources)})")
 
 
-def block_counts(shares: list[float], block: int) -> np.ndarray:
+def block_counts(shares: list[float], block: int, names: Optional[list[str]] = None) -> np.ndarray:
     """Windows per source in one block: largest-remainder rounding of share * block."""
     exact = np.asarray(shares, np.float64) * block
     counts = np.floor(exact).astype(np.int64)
     order = np.argsort(-(exact - counts), kind="stable")
     counts[order[: block - counts.sum()]] += 1
     if (counts == 0).any():
-        raise ConfigError(f"a block of {block} windows gives some source no window; "
-                          f"raise the block size or the smallest share")
+        i = int(np.flatnonzero(counts == 0)[0])
+        name = f"source {names[i]}" if names else f"sources[{i}]"
+        raise ConfigError(f"{name}: share {shares[i]:g} gives it no window in a block of "
+                          f"{block} windows; raise it to at least {1 / block:g}")
     return counts
 
 
@@ -80,8 +82,9 @@ class BlockMixer:
     shuffle decides which window comes next and every window is seen once per epoch.
     """
 
-    def __init__(self, shares: list[float], seed: int, block: int = 1000):
-        self.counts = block_counts(shares, block)
+    def __init__(self, shares: list[float], seed: int, block: int = 1000,
+                 names: Optional[list[str]] = None):
+        self.counts = block_counts(shares, block, names)
         self.block, self.seed = block, seed
         self.layout = np.repeat(np.arange(len(shares)), self.counts)
 
@@ -107,16 +110,14 @@ class BlockMixer:
         return source, b * int(self.counts[source]) + int(rank[pos])
 
 
-def plan(cfg: MixtureConfig, total_tokens: float) -> list[dict]:
-    """Per source: share, unique tokens, tokens seen and epochs after `total_tokens`."""
+def plan(cfg: MixtureConfig, total_tokens: float, counts: Optional[dict] = None) -> list[dict]:
+    """Per source: share, unique tokens, tokens seen and epochs after `total_tokens`. A source's
+    unique tokens are its `unique_tokens`, else `counts[name]` (its store's tokens)."""
     rows = []
     for s in cfg.sources:
-        unique = s.unique_tokens
+        unique = s.unique_tokens if s.unique_tokens is not None else (counts or {}).get(s.name)
         if unique is None:
-            if not s.store:
-                raise ConfigError(f"source {s.name}: needs a store or unique_tokens to plan")
-            from phijax.data.store import TokenStore
-            unique = len(TokenStore(s.store))
+            raise ConfigError(f"source {s.name}: needs unique_tokens, a store or a corpus to plan")
         seen = s.share * total_tokens
         rows.append({"source": s.name, "share": s.share, "unique_tokens": unique,
                      "tokens_seen": seen, "epochs": seen / unique,

@@ -5,7 +5,8 @@ A store directory holds
   offsets/        zarr3 int64  [documents+1] document starts, then the end
   loss_mask/      zarr3 uint8  [tokens]      only when the store holds chats: 1 on assistant tokens
   metadata.jsonl  one line per document ({"path": ...} for files of a tree), when any has some
-  manifest.json   documents, tokens, tokenizer hash, skipped records by reason and examples
+  manifest.json   documents, tokens, the tokenizer (path and hash), the largest token id
+                  (`max_id`), skipped records by reason and examples
 
 `build_store` tokenizes shards (see corpus.py) in worker processes on every core. Each finished
 shard is kept as a part file under OUT.partial/parts, written atomically, so a rerun after a crash
@@ -123,16 +124,20 @@ def default_workers() -> int:
 
 def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_field: str = "text",
                 glob: str | None = None, workers: int | None = None,
-                shard_bytes: int | None = None) -> Path:
-    """Tokenize `specs` into a store at `out`, resuming from the shards a killed run finished."""
+                shard_bytes: int | None = None, what: str | None = None) -> Path:
+    """Tokenize `specs` into a store at `out`, resuming from the shards a killed run finished.
+    `what` names the store in errors (default `store OUT`)."""
     out = Path(out)
+    desc = f"tokenize {what or out.name}"
+    what = what or f"store {out}"
     shards = plan_shards(specs, glob, shard_bytes)
     if not shards:
-        raise DataError(f"store {out}: {' '.join(specs)} holds no documents")
+        raise DataError(f"{what}: {' '.join(specs)} holds no documents")
     key = _plan_key(shards, tokenizer, text_field)
     if (out / "manifest.json").is_file() and \
             json.loads((out / "manifest.json").read_text()).get("plan") == key:
         log.info("store %s is up to date", out)
+        _add_max_id(out)
         return out
     work = out.with_name(out.name + ".partial")
     parts = work / "parts"
@@ -147,7 +152,7 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
                  len(shards))
     workers = max(1, min(workers or default_workers(), len(todo)))
     bar = tqdm(total=sum(s.size for s in shards), initial=sum(shards[i].size for i in done),
-               unit="B", unit_scale=True, desc=f"tokenize {out.name}", mininterval=2.0)
+               unit="B", unit_scale=True, desc=desc, mininterval=2.0)
     tokens, t0 = 0, time.perf_counter()
 
     def finished(i: int, summary: dict) -> None:
@@ -170,16 +175,16 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     bar.close()
-    return _assemble(work, out, len(shards), tokenizer, key)
+    return _assemble(work, out, len(shards), tokenizer, key, what)
 
 
-def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> Path:
+def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, what: str) -> Path:
     summaries = [json.loads((work / "parts" / f"{i:06d}.json").read_text()) for i in range(n)]
     documents = sum(s["documents"] for s in summaries)
     total = sum(s["tokens"] for s in summaries)
     chats = sum(s["chats"] for s in summaries)
     if not documents:
-        raise DataError(f"store {out}: the corpus produced no documents")
+        raise DataError(f"{what}: the corpus produced no documents")
     skipped = Skipped()
     for s in summaries:
         skipped.merge(s["skipped"])
@@ -189,10 +194,12 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
     columns = {"tokens": _Column(new / "tokens", "uint32", total)}
     if chats:
         columns["mask"] = _Column(new / "loss_mask", "uint8", total)
-    lengths = []
+    lengths, max_id = [], -1
     for i in range(n):
         with np.load(work / "parts" / f"{i:06d}.npz") as part:
             columns["tokens"].append(part["tokens"])
+            if part["tokens"].size:
+                max_id = max(max_id, int(part["tokens"].max()))
             if chats:  # a shard without chats trains on every token
                 columns["mask"].append(part["mask"] if part["mask"].size
                                        else np.ones(part["tokens"].size, np.uint8))
@@ -208,7 +215,7 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
                     f.write(jsonl_line({"path": p} if p is not None else {}))
     manifest = {"format": FORMAT, "documents": documents, "tokens": total,
                 "chat_documents": chats, "tokenizer": str(tokenizer.path),
-                "tokenizer_hash": tokenizer.hash, "skipped": skipped.counts,
+                "tokenizer_hash": tokenizer.hash, "max_id": max_id, "skipped": skipped.counts,
                 "skipped_examples": skipped.examples, "plan": key}
     (new / "manifest.json").write_text(json.dumps(manifest, indent=2))
     old = out.with_name(out.name + ".old")
@@ -221,20 +228,33 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str) -> 
     return out
 
 
+def _add_max_id(path: Path) -> None:
+    """Write `max_id` into the manifest of a store built before manifests had it."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    if "max_id" not in manifest:
+        manifest["max_id"] = TokenStore(path).max_id
+        atomic_write(path / "manifest.json", json.dumps(manifest, indent=2))
+
+
 _context = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
 
 
 class TokenStore:
-    """Read access to a store: `read` token ranges, `offsets` in memory."""
+    """Read access to a store: `read` token ranges, `offsets` in memory. `what` names the store
+    in errors (default `token store PATH`)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str | None = None):
         path = Path(path)
+        what = what or f"token store {path}"
         if not (path / "manifest.json").is_file():
-            raise DataError(f"token store {path} has no manifest.json")
+            state = "is not a token store" if path.exists() else "does not exist"
+            hint = "; its tokenizing did not finish (rerun `phijax data tokenize` to resume it)" \
+                if path.with_name(path.name + ".partial").is_dir() else ""
+            raise DataError(f"{what} {state} (no manifest.json){hint}")
         self.path = path
         self.manifest = json.loads((path / "manifest.json").read_text())
         if self.manifest.get("format") != FORMAT:
-            raise DataError(f"token store {path} is not a {FORMAT} store; rebuild it with "
+            raise DataError(f"{what} is not a {FORMAT} store; rebuild it with "
                              f"`phijax data tokenize`")
         self.tokens = ts.open(_array_spec(path / "tokens"), context=_context).result()
         self.offsets = ts.open(_array_spec(path / "offsets")).result().read().result()
@@ -247,6 +267,17 @@ class TokenStore:
     @property
     def documents(self) -> int:
         return int(self.manifest["documents"])
+
+    @property
+    def max_id(self) -> int:
+        """The largest token id in the store (-1 when empty); read from the tokens, a shard at
+        a time, for a store whose manifest predates `max_id`."""
+        if "max_id" not in self.manifest:
+            n = len(self)
+            log.info("token store %s: finding its largest token id (%d tokens)", self.path, n)
+            largest = (int(self.read(i, min(i + SHARD, n)).max()) for i in range(0, n, SHARD))
+            self.manifest["max_id"] = max(largest, default=-1)
+        return int(self.manifest["max_id"])
 
     def read(self, begin: int, end: int) -> np.ndarray:
         return self.tokens[begin:end].read().result().astype(np.int32)
