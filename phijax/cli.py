@@ -101,26 +101,38 @@ def _convert(args) -> int:
 
 
 def _eval(args) -> int:
-    from phijax.config import load
-    from phijax.eval.accuracy import EvalConfig, evaluate
-    from phijax.eval.questions import load_questions
-    from phijax.files import write_jsonl
+    targets = [t for t in args.targets if "=" not in t]
+    overrides = [t for t in args.targets if "=" in t] + list(args.overrides)
+    if targets and targets[0] == "compare":
+        return _eval_compare(targets[1:], args.plot)
+    if len(targets) != 1:
+        raise ConfigError(f"eval: give one checkpoint, or `compare OUT1 OUT2 ...` (got "
+                          f"{' '.join(targets) or 'none'})")
+    from phijax.config import check_fields, load
+    from phijax.eval.harness import HarnessConfig, run_eval
+    from phijax.eval.report import format_results
 
-    cfg = load(EvalConfig, args.config, args.overrides)
-    questions = load_questions(args.questions)  # before the (slow) model load
-    from phijax.sampling import load_sampler
-    sampler, tokenizer = load_sampler(args.ckpt)
-    out = evaluate(sampler, tokenizer, questions, cfg, details=bool(args.results))
-    results = out.pop("results", None)
-    if args.results:
-        write_jsonl(args.results, results)
-    out = {"model": str(args.ckpt), "questions": str(args.questions), **out}
-    print(f"model        {args.ckpt}")
-    print(f"questions    {args.questions}  (n = {out['n']})")
-    print(f"sampling     temperature {cfg.temperature:g}, {cfg.samples} per question, "
-          f"max {cfg.max_new_tokens} new tokens, seed {cfg.seed}")
-    print(f"accuracy     {out['accuracy']:.4f} ± {out['stderr']:.4f}  ({out['seconds']:.1f} s)")
-    print(json.dumps(out))
+    cfg = load(HarnessConfig, args.config, overrides)
+    if args.tasks:
+        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.questions:  # the arith task on a question file
+        cfg.tasks, cfg.paths = ["arith"], {"arith": args.questions}
+    cfg.data_dir = args.data_dir or cfg.data_dir
+    cfg.limit = args.limit if args.limit is not None else cfg.limit
+    check_fields(cfg)
+    doc = run_eval(targets[0], cfg, args.out)
+    print(format_results(doc))
+    print(json.dumps(doc["tasks"]))
+    return 0
+
+
+def _eval_compare(outs: list[str], plot_path: str | None) -> int:
+    from phijax.eval.report import compare, plot
+
+    table, rows = compare(outs)
+    print(table)
+    if plot_path:
+        print(f"plot: {plot(rows, [f'run {i}' for i in range(len(outs))], plot_path)}")
     return 0
 
 
@@ -169,9 +181,12 @@ def _token_count(text: str) -> float:
 
 def _data_report(args) -> int:
     from phijax.data.mixture import format_plan, load_mixture, plan
+    from phijax.data.prepare import source_tokens
 
     mixture = load_mixture(args.mixture)
-    print(format_plan(plan(mixture, args.tokens), args.tokens, mixture.max_epochs))
+    data = load_config(args.config, args.overrides).data  # the tokenizer a corpus source gets
+    counts = source_tokens(data, mixture)
+    print(format_plan(plan(mixture, args.tokens, counts), args.tokens, mixture.max_epochs))
     return 0
 
 
@@ -207,14 +222,20 @@ def _add_checkpoint_commands(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
     s.set_defaults(fn=_serve)
-    s = sub.add_parser("eval", help="accuracy of a checkpoint on a question set")
-    s.add_argument("ckpt", help=RUN_DIR)
-    s.add_argument("--questions", required=True, help="question JSONL (id, kind, prompt, answer)")
-    s.add_argument("--results", help="write per-question results (JSONL) here")
-    s.add_argument("--config", help="YAML of evaluation settings")
-    s.add_argument("overrides", nargs="*", help="temperature=0 samples=1 max_new_tokens=64 "
-                   "seed=0 batch=64 top_p=1.0")
-    s.set_defaults(fn=_eval)
+    s = sub.add_parser("eval", help="score a checkpoint on benchmark tasks, or compare runs "
+                       "(`phijax eval compare OUT1 OUT2`)")
+    s.add_argument("targets", nargs="+", metavar="CKPT",
+                   help="a run directory (or `compare OUT1 OUT2 ...`), then key=value settings "
+                   "(samples=4 temperature=1 max_new_tokens=256 seed=0 batch=64)")
+    s.add_argument("--tasks", help="comma-separated: gsm8k,math,mmlu,gpqa,humaneval,mbpp,"
+                   "simpleqa,arith")
+    s.add_argument("--data-dir", help="directory holding each task's public data file")
+    s.add_argument("--limit", type=int, help="the first N items of each task")
+    s.add_argument("--out", help="write results.json and items/<task>.jsonl here")
+    s.add_argument("--questions", help="a question JSONL (id, kind, prompt, answer): the arith task")
+    s.add_argument("--config", help="YAML of evaluation settings (tasks, paths, samples, ...)")
+    s.add_argument("--plot", help="with compare: write a bar chart (PNG) here")
+    s.set_defaults(fn=_eval, overrides=[])
 
 
 def _add_convert_commands(sub) -> None:
@@ -255,6 +276,11 @@ def _add_data_commands(sub) -> None:
     s = data.add_parser("report", help="plan a mixture: tokens seen and epochs per source")
     s.add_argument("mixture", help="mixture YAML, e.g. configs/mixtures/phi-4.yaml")
     s.add_argument("--tokens", type=_token_count, required=True, help="training tokens, e.g. 10T")
+    s.add_argument("--config", help="training config whose `data` section says how a corpus "
+                   "source is tokenized (default: the data defaults); its tokens are counted "
+                   "in the store a run builds (data.cache_dir)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. "
+                   "data.cache_dir=/tmp/cache")
     s.set_defaults(fn=_data_report)
 
 

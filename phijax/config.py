@@ -106,7 +106,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:
+            return _coerce(value, sections[0], key)  # its own error names the bad key inside
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:

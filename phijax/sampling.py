@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phijax.config import ModelConfig
-from phijax.errors import ConfigError, DataError
+from phijax.errors import ConfigError
 from phijax.model import decoder_from_params, decoding_params, empty_caches
 from phijax.sharding import RULES
 
@@ -383,22 +383,9 @@ class Sampler:
 
 
 def load_sampler(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
-    """(Sampler, Tokenizer) of a run directory's latest checkpoint, on `mesh` (default: the run's
-    mesh if this machine has its devices, else one device)."""
-    from phijax.config import MeshConfig
-    from phijax.data.tokenizer import Tokenizer
-    from phijax.sharding import make_mesh
-    from phijax.weights import load_config, load_params
+    """(Sampler, Tokenizer) of a run directory's latest checkpoint (see
+    `phijax.weights.load_checkpoint` for the mesh it lands on)."""
+    from phijax.weights import load_checkpoint
 
-    run_dir = Path(run_dir)
-    if mesh is None:
-        shape = load_config(run_dir).mesh
-        mesh = make_mesh(shape) if math.prod(shape.shape) == jax.device_count() else \
-            make_mesh(MeshConfig(), jax.devices()[:1])
-    cfg, params = load_params(run_dir, mesh)
-    tokenizer_path = run_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise DataError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
-                         f"one; converted checkpoints need prompts as token ids)")
-    tokenizer = Tokenizer(tokenizer_path)
+    cfg, params, tokenizer, mesh = load_checkpoint(run_dir, mesh)
     return Sampler(cfg.model, params, mesh, vocab_limit=tokenizer.vocab_size), tokenizer

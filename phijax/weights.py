@@ -8,6 +8,7 @@ sharded on `mesh` by the model's logical axis rules.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ import yaml
 from flax import nnx
 
 from phijax.config import Config, from_dict, to_dict
-from phijax.errors import ConfigError
+from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_write
 from phijax.model import abstract_model
 from phijax.sharding import named, param_specs
@@ -77,3 +78,23 @@ def save_params(run_dir: str | Path, cfg: Config, params, step: int = 0) -> Path
             data=ocp.args.JsonSave({"step": step})))
         manager.wait_until_finished()
     return run_dir
+
+
+def load_checkpoint(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
+    """(config, params, tokenizer, mesh) of a run directory's latest step, on `mesh` (default:
+    the run's own mesh when this machine has its devices, else one device)."""
+    from phijax.config import MeshConfig
+    from phijax.data.tokenizer import Tokenizer
+    from phijax.sharding import make_mesh
+
+    run_dir = Path(run_dir)
+    if mesh is None:
+        shape = load_config(run_dir).mesh
+        mesh = make_mesh(shape) if math.prod(shape.shape) == jax.device_count() else \
+            make_mesh(MeshConfig(), jax.devices()[:1])
+    cfg, params = load_params(run_dir, mesh)
+    tokenizer_path = run_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise DataError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
+                        f"one; converted checkpoints need prompts as token ids)")
+    return cfg, params, Tokenizer(tokenizer_path), mesh

@@ -85,16 +85,18 @@ def _cli(*args):
 def test_cli_prints_a_table_and_one_json_line(run_dir, tmp_path):
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in _questions(["7", "7", "7", "8"])))
-    res = _cli(run_dir, "--questions", qfile, "max_new_tokens=1", "--results", tmp_path / "r.jsonl")
+    res = _cli(run_dir, "--questions", qfile, "max_new_tokens=1", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("model") and any(l.startswith("accuracy") for l in lines)
-    out = json.loads(lines[-1])
-    assert out["accuracy"] == 0.75 and out["n"] == 4 and out["temperature"] == 0.0
-    assert out["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
-    results = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r["correct"] for r in results] == [1, 1, 1, 0]
-    assert "questions/s" in res.stderr
+    assert lines[0].split() == ["task", "metric", "value", "±", "stderr", "n"]
+    assert lines[1].split()[:2] == ["arith", "accuracy"]
+    got = json.loads(lines[-1])["arith"]["accuracy"]
+    assert got["value"] == 0.75 and got["n"] == 4
+    assert got["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    records = [json.loads(l) for l in
+               (tmp_path / "out" / "items" / "arith.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in records] == [1, 1, 1, 0]
+    assert "prompts/s" in res.stderr
 
 
 @pytest.mark.parametrize("line, reason", [

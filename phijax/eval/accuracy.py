@@ -13,15 +13,13 @@ A question's sampling seed is a function of (seed, id), so results do not depend
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 
 from phijax.config import positive, ranged
-from phijax.eval.questions import answer_text, check, prompt_ids, question_seed
-
-log = logging.getLogger("phijax.eval")
+from phijax.eval.generate import generate_texts
+from phijax.eval.questions import check, prompt_ids
 
 
 @dataclass
@@ -59,36 +57,17 @@ def evaluate(sampler, tokenizer, questions: list[dict], cfg: EvalConfig = EvalCo
     Each call samples `cfg.batch` rows (questions per call: batch // samples, at least one).
     `details` adds per-question results: {"id", "correct" (samples that succeeded),
     "samples", "completions"}."""
-    per_call = max(1, cfg.batch // cfg.samples)
-    scores, results, t0 = [], [], time.perf_counter()
-    for start in range(0, len(questions), per_call):
-        chunk = questions[start:start + per_call]
-        requests = [_request(q, tokenizer, cfg) for q in chunk]
-        # Pad a short last call to the full size: the same compiled program, no new compile.
-        padded = requests + [requests[0]] * (per_call - len(requests)) \
-            if len(questions) > per_call else requests
-        outputs = sampler.generate(padded)[:len(chunk)]
-        for q, out in zip(chunk, outputs):
-            texts = [answer_text(s.tokens, tokenizer) for s in out]
-            ok = [check(q, text) for text in texts]
-            scores.append(ok)
-            if details:
-                results.append({"id": q["id"], "correct": sum(ok), "samples": len(ok),
-                                "completions": texts})
-        done, elapsed = len(scores), time.perf_counter() - t0
-        rate = done / elapsed
-        log.info("evaluate: %d/%d questions, %.1f questions/s, accuracy so far %.3f, eta %.0fs",
-                 done, len(questions), rate, summarize(scores)["accuracy"],
-                 (len(questions) - done) / rate)
+    t0 = time.perf_counter()
+    answers = generate_texts(sampler, tokenizer, [prompt_ids(q, tokenizer) for q in questions],
+                             [q["id"] for q in questions], samples=cfg.samples,
+                             temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=cfg.batch,
+                             label="evaluate")
+    scores = [[check(q, text) for text in texts] for q, texts in zip(questions, answers)]
     out = {**summarize(scores), "samples": cfg.samples, "temperature": cfg.temperature,
            "seconds": round(time.perf_counter() - t0, 2)}
     if details:
-        out["results"] = results
+        out["results"] = [{"id": q["id"], "correct": sum(ok), "samples": len(ok),
+                           "completions": texts}
+                          for q, ok, texts in zip(questions, scores, answers)]
     return out
-
-
-def _request(q: dict, tokenizer, cfg: EvalConfig):
-    from phijax.sampling import Request
-    return Request(prompt_ids(q, tokenizer), n=cfg.samples, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=tokenizer.stop_ids,
-                   seed=question_seed(cfg.seed, q["id"]))
