@@ -142,6 +142,18 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for in decoded text (b"" for control and unused pieces);
+        a token may hold part of a UTF-8 character."""
+        sp = self.sp
+        if sp.is_byte(i):
+            return bytes([int(sp.id_to_piece(i)[1:-1], 16)])
+        if sp.is_control(i) or sp.is_unused(i):
+            return b""
+        if sp.is_unknown(i):
+            return sp.decode([i]).encode()
+        return sp.id_to_piece(i).replace("\u2581", " ").encode()
+
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of the rendered chat followed by an open assistant turn: what a model
         trained on `encode_chat` continues with its reply (ending in <|im_end|>)."""

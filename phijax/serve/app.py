@@ -46,24 +46,13 @@ PROMPT_TYPES = ("a string, an array of strings, an array of token ids or an arra
 # Tokens as text and bytes
 
 
-def _piece_bytes(sp, i: int) -> bytes:
-    """The bytes token `i` decodes to (sentencepiece's decode, one token at a time)."""
-    if sp.is_byte(i):
-        return bytes([int(sp.id_to_piece(i)[1:-1], 16)])
-    if sp.is_control(i) or sp.is_unused(i):
-        return b""
-    if sp.is_unknown(i):
-        return sp.decode([i]).encode()
-    return sp.id_to_piece(i).replace("\u2581", " ").encode()
-
-
 class Vocab:
     """The tokenizer seen from the API: text -> ids, and each id's bytes and display text."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_id
-        self.size = tokenizer.sp.get_piece_size()
-        self.token_bytes = [_piece_bytes(tokenizer.sp, i) for i in range(self.size)]
+        self.size = tokenizer.vocab_size
+        self.token_bytes = [tokenizer.token_bytes(i) for i in range(self.size)]
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode([text])[0]) if text else []
