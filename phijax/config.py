@@ -300,7 +300,7 @@ class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
     mixture: Optional[str] = None  # mixture YAML (sources with shares); replaces `corpus`
     text_field: str = "text"
-    tokenizer: Optional[str] = None  # sentencepiece .model; trained from corpus when unset
+    tokenizer: Optional[str] = None  # .model or tokenizer.json; trained from corpus when unset
     tokenizer_vocab_size: int = positive(512)
     tokenizer_multiple: int = positive(128)  # pad the trained vocabulary to a multiple of this
     cache_dir: str = "~/.cache/phijax"

@@ -10,8 +10,17 @@ serializes one shard at a time: the library writes a file from arrays in memory,
 tensors (up to `max_shard_gb`) are held together while it is written. Each shard appears whole
 or not at all.
 
-Not converted: the tokenizer (HF tokenizer.json vs our sentencepiece model). `sliding_window` is
-ignored (phijax attends over the whole document-masked context), with a warning.
+The tokenizer travels too. `from_hf` copies the HF directory's tokenizer.json,
+tokenizer_config.json (chat template, specials), special_tokens_map.json, chat_template.jinja and
+generation_config.json into the run directory, so the checkpoint samples and serves text at once.
+`to_hf` writes the run's tokenizer files back: a Hugging Face tokenizer's own files, or a
+sentencepiece tokenizer exported as a tokenizer.json that encodes to the same ids (see
+phijax/data/tokenizer_sp.py), with a tokenizer_config.json that `AutoTokenizer` loads as it is
+(`PreTrainedTokenizerFast`); bos/eos/pad ids go into config.json, generation_config.json (whose
+eos_token_id lists every id that ends a reply) and tokenizer_config.json.
+
+`sliding_window` is ignored (phijax attends over the whole document-masked context), with a
+warning.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from phijax.config import Config, MeshConfig, ModelConfig, from_dict, validate
+from phijax.data.tokenizer import (HF_FILE, RUN_FILES, Tokenizer, find_tokenizer, load_tokenizer,
+                                   save_tokenizer)
 from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_write, replacing
 from phijax.sharding import make_mesh
@@ -188,8 +199,9 @@ def model_config(hf: dict) -> ModelConfig:
     return m
 
 
-def hf_config(m: ModelConfig, dtype: str) -> dict:
-    """An HF Phi3 config.json for our model section (written for transformers 4.x and 5.x)."""
+def hf_config(m: ModelConfig, dtype: str, ids: dict | None = None) -> dict:
+    """An HF Phi3 config.json for our model section (written for transformers 4.x and 5.x);
+    `ids`: bos_token_id, eos_token_id, pad_token_id (see `special_ids`)."""
     return {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
@@ -205,7 +217,7 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
         "partial_rotary_factor": 1.0, "sliding_window": None,
         "tie_word_embeddings": m.tie_word_embeddings, "attention_bias": False,
         "attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "use_cache": True,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(ids or {}),
         "torch_dtype": dtype, "dtype": dtype,
     }
 
@@ -277,10 +289,81 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
+# ---------------------------------------------------------------- tokenizer files
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _source_tokenizer(hf_dir: Path, m: ModelConfig) -> Tokenizer | None:
+    """The tokenizer of an HF directory (its tokenizer.json), or None with a warning."""
+    if not (hf_dir / HF_FILE).is_file():
+        warnings.warn(f"{hf_dir}: no {HF_FILE}, so the checkpoint has no tokenizer (sample it "
+                      f"with --prompt-ids)", stacklevel=3)
+        return None
+    tokenizer = load_tokenizer(hf_dir / HF_FILE)
+    if tokenizer.vocab_size > m.vocab_size:
+        raise DataError(f"{hf_dir / HF_FILE}: {tokenizer.vocab_size} tokens, more than "
+                        f"config.json's vocab_size {m.vocab_size}")
+    return tokenizer
+
+
+def special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
+    """bos_token_id, eos_token_id, pad_token_id of the tokens `tokenizer` exports as bos, eos
+    and pad (all None without a tokenizer)."""
+    names = tokenizer.hf_specials() if tokenizer else {}
+    return {f"{k}_id": tokenizer.piece_id(names[k]) if names.get(k) else None
+            for k in ("bos_token", "eos_token", "pad_token")}
+
+
+def _generation_config(ckpt: Path, tokenizer: Tokenizer | None) -> dict | None:
+    """The run's generation_config.json (from_hf copied it), with the tokenizer's ids where it
+    has none: eos_token_id lists the exported eos and every stop id."""
+    path = ckpt / GENERATION_CONFIG
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not JSON ({e})") from None
+    if tokenizer is None:
+        return config
+    config = config or {}
+    ids = special_ids(tokenizer)
+    ids["eos_token_id"] = list(dict.fromkeys(
+        i for i in (ids["eos_token_id"], *tokenizer.stop_ids) if i is not None))
+    for key, value in ids.items():
+        if config.get(key) is None:
+            config[key] = value
+    return config
+
+
+def _run_tokenizer(ckpt: Path, hf_dir: Path) -> Tokenizer | None:
+    """The run directory's tokenizer, or None with a warning."""
+    found = find_tokenizer(ckpt)
+    if found is None:
+        warnings.warn(f"checkpoint {ckpt}: no tokenizer, so {hf_dir} gets none", stacklevel=3)
+    return load_tokenizer(found) if found else None
+
+
+def _write_tokenizer(tokenizer: Tokenizer | None, ckpt: Path, hf_dir: Path, m: ModelConfig,
+                     dtype: str) -> None:
+    """The tokenizer's files, config.json and generation_config.json into `hf_dir`; an
+    earlier conversion's tokenizer files that these do not replace are removed."""
+    files = tokenizer.hf_files() if tokenizer else {}
+    generation = _generation_config(ckpt, tokenizer)
+    if generation is not None:
+        files[GENERATION_CONFIG] = (json.dumps(generation, indent=2) + "\n").encode()
+    for name, data in files.items():
+        atomic_write(hf_dir / name, data)
+    for name in (*RUN_FILES, GENERATION_CONFIG):
+        if name not in files:
+            (hf_dir / name).unlink(missing_ok=True)
+    _write_json(hf_dir / "config.json", hf_config(m, dtype, special_ids(tokenizer)))
+
+
 # ---------------------------------------------------------------- conversions
 
 def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
-    """Convert an HF Phi3ForCausalLM directory into a run directory `ckpt` (float32 params)."""
+    """Convert an HF Phi3ForCausalLM directory into a run directory `ckpt` (float32 params),
+    with its tokenizer and generation_config.json."""
     hf_dir, ckpt = Path(hf_dir), Path(ckpt)
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"{hf_dir}: no config.json (give a Hugging Face model directory)")
@@ -288,6 +371,7 @@ def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
     validate(cfg)
     if any((ckpt / "checkpoints").glob("*")):
         raise ConfigError(f"{ckpt}: already holds checkpoints; give a new directory")
+    tokenizer = _source_tokenizer(hf_dir, cfg.model)
     c = dims(cfg.model)
     expected = hf_names(c, cfg.model.tie_word_embeddings)
     params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), abstract_params(cfg))
@@ -301,7 +385,12 @@ def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
             w = _read(*files[name], name).astype(np.float32, copy=False)
             for path, value in zip(paths, to_ours(w, c), strict=True):
                 _leaf(params, path)[... if i is None else i] = value
-    return save_params(ckpt, cfg, params)
+    save_params(ckpt, cfg, params)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, ckpt)
+    if (hf_dir / GENERATION_CONFIG).is_file():
+        atomic_write(ckpt / GENERATION_CONFIG, (hf_dir / GENERATION_CONFIG).read_bytes())
+    return ckpt.absolute()
 
 
 def _shards(names: dict, c: Dims, itemsize: int, limit: float) -> dict[str, dict[str, tuple]]:
@@ -333,10 +422,11 @@ def _remove_stale(hf_dir: Path, keep: set[str]) -> None:
 def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
           max_shard_gb: float = 5.0) -> Path:
     """Write run directory `ckpt`'s latest params as an HF Phi3ForCausalLM directory, one
-    shard in memory at a time."""
+    shard in memory at a time, with its tokenizer files."""
     if dtype not in WRITE_DTYPES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(WRITE_DTYPES)}")
     hf_dir, np_dtype = Path(hf_dir), np.dtype(WRITE_DTYPES[dtype])
+    tokenizer = _run_tokenizer(Path(ckpt), hf_dir)
     cfg, params = load_params(ckpt, make_mesh(MeshConfig(), jax.devices("cpu")[:1]))
     c = dims(cfg.model)
     names = hf_names(c, cfg.model.tie_word_embeddings)
@@ -363,5 +453,5 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
             "metadata": {"total_size": total},
             "weight_map": {name: file for file, shapes in shards.items() for name in shapes}})
     _remove_stale(hf_dir, keep)
-    _write_json(hf_dir / "config.json", hf_config(cfg.model, dtype))
+    _write_tokenizer(tokenizer, Path(ckpt), hf_dir, cfg.model, dtype)
     return hf_dir

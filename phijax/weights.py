@@ -1,9 +1,10 @@
 """Model weights of a run directory: what `sample`, `serve` and `convert` read and write.
 
 A checkpoint (CKPT) is a run directory: `config.yaml` (the model section is what matters here),
-`tokenizer.model` when the run trained on text, and Orbax steps under `checkpoints/`. Only the
-parameters are restored (partial restore: the optimizer moments are never read), as float32,
-sharded on `mesh` by the model's logical axis rules.
+its tokenizer when the run trained on text or was converted with one (`tokenizer.model`, or
+`tokenizer.json` + `tokenizer_config.json`; see phijax.data.tokenizer), and Orbax steps under
+`checkpoints/`. Only the parameters are restored (partial restore: the optimizer moments are
+never read), as float32, sharded on `mesh` by the model's logical axis rules.
 """
 from __future__ import annotations
 
@@ -80,21 +81,25 @@ def save_params(run_dir: str | Path, cfg: Config, params, step: int = 0) -> Path
     return run_dir
 
 
-def load_checkpoint(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
+def load_checkpoint(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
+                    need_tokenizer: bool = True):
     """(config, params, tokenizer, mesh) of a run directory's latest step, on `mesh` (default:
-    the run's own mesh when this machine has its devices, else one device)."""
+    the run's own mesh when this machine has its devices, else one device). The tokenizer is
+    the run directory's own (`find_tokenizer`); a run directory without one is a DataError, or
+    gives None when not `need_tokenizer` (prompts given as token ids)."""
     from phijax.config import MeshConfig
-    from phijax.data.tokenizer import Tokenizer
+    from phijax.data.tokenizer import find_tokenizer, load_tokenizer
     from phijax.sharding import make_mesh
 
     run_dir = Path(run_dir)
+    found = find_tokenizer(run_dir)
+    if found is None and need_tokenizer:
+        raise DataError(f"checkpoint {run_dir}: no tokenizer.model or tokenizer.json (runs "
+                        f"trained on text have one; give prompts as token ids)")
+    tokenizer = None if found is None else load_tokenizer(found)
     if mesh is None:
         shape = load_config(run_dir).mesh
         mesh = make_mesh(shape) if math.prod(shape.shape) == jax.device_count() else \
             make_mesh(MeshConfig(), jax.devices()[:1])
     cfg, params = load_params(run_dir, mesh)
-    tokenizer_path = run_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise DataError(f"checkpoint {run_dir}: no tokenizer.model (runs trained on text have "
-                        f"one; converted checkpoints need prompts as token ids)")
-    return cfg, params, Tokenizer(tokenizer_path), mesh
+    return cfg, params, tokenizer, mesh

@@ -1,5 +1,6 @@
 """Hugging Face interop: phijax logits equal transformers' Phi3ForCausalLM on the same weights,
-and conversions in both directions are exact."""
+conversions in both directions are exact, and the tokenizer travels with the weights (a
+converted checkpoint samples text; an exported one loads in AutoTokenizer with the same ids)."""
 import json
 
 import jax
@@ -12,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import run_cli  # noqa: E402
+from hf_tokenizers import CHAT, TEXTS, phi4_like, sentencepiece_model  # noqa: E402
 from phijax import convert  # noqa: E402
 from phijax.config import MeshConfig  # noqa: E402
 from phijax.convert import from_hf, to_hf  # noqa: E402
@@ -20,13 +23,15 @@ from phijax.sharding import make_mesh  # noqa: E402
 from phijax.weights import load_params, save_params  # noqa: E402
 
 SEQ = 128  # two query blocks in phijax's attention
+# most conversions here are of weights alone: that they carry no tokenizer is expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer:UserWarning")
 
 
-def hf_model(heads=4, kv=2, tied=False, head_dim=None, seed=0):
+def hf_model(heads=4, kv=2, tied=False, head_dim=None, seed=0, vocab=96):
     """A tiny random Phi3ForCausalLM (float32, eager attention), norms and all weights random."""
     extra = {"head_dim": head_dim} if head_dim else {}
     config = transformers.Phi3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
         rope_theta=25000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, pad_token_id=None,
         bos_token_id=None, eos_token_id=None, **extra)
@@ -205,4 +210,137 @@ def test_a_failed_shard_write_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         to_hf(ckpt, out, dtype="bfloat16")
     assert (out / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["config.json", "generation_config.json", "model.safetensors"]
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TINY = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def sentencepiece_run(tmp_path):
+    """A run directory as training leaves it: random weights and a sentencepiece tokenizer."""
+    from phijax.config import Config, ModelConfig
+    from phijax.data.tokenizer import load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer(sentencepiece_model(tmp_path / "sp"))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **TINY)
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed=5)))
+    run = save_params(tmp_path / "run", Config(model=cfg), params)
+    save_tokenizer(tok, run)
+    return run, tok
+
+
+def test_sentencepiece_run_round_trips_through_hf_with_its_tokenizer(tmp_path):
+    from phijax.data.tokenizer import HFTokenizer, load_tokenizer
+
+    run, sp = sentencepiece_run(tmp_path)
+    out = to_hf(run, tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    ids = (sp.eos_id, sp.im_end_id, sp.pad_id)  # bos, eos, pad as phi-4 names them
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == ids
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == ids
+    assert (generation["bos_token_id"], generation["pad_token_id"]) == (ids[0], ids[2])
+    assert generation["eos_token_id"] == list(sp.stop_ids) == [sp.im_end_id, sp.eos_id]
+    for text in TEXTS:
+        assert auto(text)["input_ids"] == sp.encode([text])[0], text
+    assert auto.apply_chat_template(CHAT[:2], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] == sp.encode_prompt(CHAT[:2])
+    back = from_hf(out, tmp_path / "back")
+    tok = load_tokenizer(back)
+    assert type(tok) is HFTokenizer and (back / "tokenizer_config.json").is_file()
+    for text in TEXTS:
+        assert tok.encode([text])[0] == sp.encode([text])[0], text
+    assert tok.encode_chat(CHAT)[0] == sp.encode_chat(CHAT)[0]
+    toks = np.array([sp.encode([" ".join(TEXTS)])[0][:SEQ]] * 2, np.int32)
+    ours = phijax_logits(run, toks)
+    np.testing.assert_array_equal(phijax_logits(back, toks), ours)
+    model = transformers.Phi3ForCausalLM.from_pretrained(out, attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(model, toks), ours, rtol=0, atol=1e-4)
+
+
+def test_hf_greedy_generation_equals_phijax_greedy_sampling(tmp_path):
+    from phijax.sampling import Request, load_sampler
+
+    run, tok = sentencepiece_run(tmp_path)
+    out = to_hf(run, tmp_path / "hf")
+    model = transformers.Phi3ForCausalLM.from_pretrained(out, attn_implementation="eager")
+    sampler, tokenizer = load_sampler(run)
+    for prompt in (tok.encode(["def f(x):\n    return"])[0], tok.encode_prompt(CHAT[:2])):
+        ours = sampler.generate([Request(prompt, max_new_tokens=40, temperature=0.0,
+                                         stop_ids=tokenizer.stop_ids)])[0][0]
+        with torch.no_grad():  # generation_config.json: greedy stops at the same ids
+            theirs = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40)
+        assert ours.tokens == theirs[0, len(prompt):].tolist()  # token for token
+
+
+def test_from_hf_of_a_phi4_like_directory_samples_text_and_renders_chats(tmp_path):
+    from phijax.data.tokenizer import HFTokenizer
+    from phijax.sampling import Request, load_sampler
+
+    src = phi4_like(tmp_path / "hf")
+    model = hf_model()  # vocab 96: smaller than the tokenizer's 408
+    with pytest.raises(ValueError, match="408 tokens, more than config.json's vocab_size 96"):
+        from_hf(save_hf(model, src), tmp_path / "small")
+    model = hf_model(vocab=512)  # padded past the tokenizer, as phi-4's 100,352
+    save_hf(model, src)
+    ckpt = from_hf(src, tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (ckpt / name).read_bytes() == (src / name).read_bytes(), name
+    sampler, tok = load_sampler(ckpt)
+    assert type(tok) is HFTokenizer and sampler.vocab_limit == tok.vocab_size == 408
+    auto = transformers.AutoTokenizer.from_pretrained(src)
+    prompt = tok.encode_prompt(CHAT[:2])
+    assert prompt == auto.apply_chat_template(CHAT[:2], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+    assert tok.decode(prompt) == "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>" \
+        "user<|im_sep|>2+2?<|im_end|><|im_start|>assistant<|im_sep|>"
+    (sample,) = sampler.generate([Request(prompt, max_new_tokens=12, temperature=0.0,
+                                          stop_ids=tok.stop_ids)])[0]
+    assert isinstance(tok.decode(sample.tokens), str) and max(sample.tokens) < 408
+    out = run_cli("sample", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "8",
+                  "--temperature", "0")
+    assert "--- sample 1/1: 8 tokens" in out.stdout or "finish stop" in out.stdout, out.stdout
+    back = to_hf(ckpt, tmp_path / "back")  # the tokenizer's own files go back as they came
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (back / name).read_bytes() == (src / name).read_bytes(), name
+    assert transformers.AutoTokenizer.from_pretrained(back)("déjà 12")["input_ids"] == \
+        tok.encode(["déjà 12"])[0]
+
+
+def test_sft_from_a_converted_checkpoint_tokenizes_chats_with_its_tokenizer(tmp_path):
+    from phijax.config import Config
+    from phijax.data.prepare import prepare
+    from phijax.data.tokenizer import HFTokenizer
+    from phijax.train.tasks import check_init_from
+    from phijax.weights import load_config
+
+    src = phi4_like(tmp_path / "hf")
+    ckpt = from_hf(save_hf(hf_model(vocab=512), src), tmp_path / "ckpt")
+    cfg = Config(model=load_config(ckpt).model)
+    cfg.run.init_from = str(ckpt)
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text(json.dumps({"messages": CHAT}) + "\n")
+    cfg.data.corpus, cfg.data.cache_dir = [str(corpus)], str(tmp_path / "cache")
+    check_init_from(cfg)
+    assert cfg.data.tokenizer == str(ckpt / "tokenizer.json")
+    tok, _, (store,) = prepare(cfg.data)
+    assert type(tok) is HFTokenizer and store.manifest["tokenizer_hash"] == tok.hash
+    ids, mask = tok.encode_chat(CHAT)
+    assert store.read(0, len(store)).tolist() == ids + [tok.eos_id]
+    assert store.read_mask(0, len(store)).tolist() == mask.tolist() + [0]
+
+
+def test_prompt_ids_sample_a_checkpoint_converted_without_a_tokenizer(tmp_path):
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        ckpt = from_hf(save_hf(hf_model(), tmp_path / "hf"), tmp_path / "ckpt")
+    out = run_cli("sample", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                  "--temperature", "0")
+    ids = out.stdout.strip().splitlines()[-1].split(",")
+    assert len(ids) == 5 and all(0 <= int(i) < 96 for i in ids), out.stdout
+    out = run_cli("sample", ckpt, "--prompt", "hello", check=False)
+    assert out.returncode == 2 and "no tokenizer.model or tokenizer.json" in out.stderr

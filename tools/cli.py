@@ -28,7 +28,7 @@ def _model_command(sub, name: str, help_: str, records: tuple[str, str], out: st
     `--config FILE` and `key=value` overrides."""
     p = sub.add_parser(name, help=help_)
     p.add_argument("model", metavar="RUN",
-                   help="run directory (config.yaml, tokenizer.model, checkpoints/)")
+                   help="run directory (config.yaml, its tokenizer, checkpoints/)")
     p.add_argument("records", metavar=records[0], help=records[1])
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--config", help=config)

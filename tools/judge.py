@@ -326,7 +326,7 @@ async def run_judge(model_dir: str | Path, prompts_path: str | Path, out_path: s
     model and the teacher's usage. The template, the model's config and every prompt record are
     checked before the weights load; ValueError when every judged prompt failed at the
     teacher (nothing is written then)."""
-    from phijax.data.tokenizer import Tokenizer
+    from phijax.data.tokenizer import load_tokenizer
     from phijax.sampling import load_sampler
     from phijax.weights import load_config
     from tools.cache import Cache
@@ -334,7 +334,7 @@ async def run_judge(model_dir: str | Path, prompts_path: str | Path, out_path: s
 
     template = load_template(cfg.template)
     model = load_config(model_dir).model
-    prompts = load_prompts(prompts_path, Tokenizer(Path(model_dir) / "tokenizer.model"),
+    prompts = load_prompts(prompts_path, load_tokenizer(model_dir),
                            vocab_size=model.vocab_size, max_len=model.max_position_embeddings,
                            max_new_tokens=cfg.max_new_tokens)
     teacher = Teacher(cfg.teacher, Cache(cfg.cache) if cfg.cache else None)

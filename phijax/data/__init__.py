@@ -1,1 +1,1 @@
-"""Data: corpus readers, the sentencepiece tokenizer, token stores and the Grain loader."""
+"""Data: corpus readers, tokenizers (sentencepiece and Hugging Face tokenizer.json), token stores, mixtures and the Grain loader."""

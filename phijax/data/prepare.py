@@ -15,7 +15,7 @@ from phijax.config import DataConfig
 from phijax.data.corpus import check_specs, documents
 from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
 from phijax.data.store import TokenStore, build_store
-from phijax.data.tokenizer import Tokenizer, train_tokenizer
+from phijax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from phijax.errors import ConfigError
 from phijax.hashing import digest
 
@@ -46,9 +46,10 @@ def open_sources(sources: list[SourceConfig],
 
 
 def run_tokenizer(cfg: DataConfig, mixture: MixtureConfig) -> Tokenizer:
-    """`data.tokenizer`, or the tokenizer trained on the mixture's corpora (cached)."""
+    """`data.tokenizer` (a sentencepiece .model, or a Hugging Face tokenizer.json or the directory
+    holding one), or the tokenizer trained on the mixture's corpora (cached)."""
     if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer)
     corpus = [spec for s in mixture.sources for spec in s.corpus]
     if not corpus:
         raise ConfigError("data.tokenizer is unset and no source has a corpus to train one on")
@@ -59,7 +60,7 @@ def run_tokenizer(cfg: DataConfig, mixture: MixtureConfig) -> Tokenizer:
         log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, corpus)
         train_tokenizer(documents(corpus, cfg.text_field), path, cfg.tokenizer_vocab_size,
                         cfg.tokenizer_multiple)
-    return Tokenizer(path.with_suffix(".model"))
+    return load_tokenizer(path.with_suffix(".model"))
 
 
 def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]]:

@@ -30,7 +30,7 @@ import tensorstore as ts
 from tqdm import tqdm
 
 from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
-from phijax.data.tokenizer import Tokenizer
+from phijax.data.tokenizer import Tokenizer, load_tokenizer
 from phijax.errors import DataError
 from phijax.files import atomic_open, atomic_write, jsonl_line
 from phijax.hashing import digest
@@ -79,7 +79,7 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
     """Tokenize one shard into PART.npz (+ PART.json, written last: the shard is done)."""
     tokenizer = _worker_tokenizers.get(tokenizer_path)
     if tokenizer is None:
-        tokenizer = _worker_tokenizers[tokenizer_path] = Tokenizer(tokenizer_path)
+        tokenizer = _worker_tokenizers[tokenizer_path] = load_tokenizer(tokenizer_path)
     skipped = Skipped()
     docs = list(read_shard(shard, text_field, skipped))
     texts = [d.text for d in docs if d.messages is None]

@@ -41,6 +41,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from phijax.config import Config, DPOConfig
+from phijax.data.tokenizer import find_tokenizer
 from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_open, read_jsonl
 from phijax.hashing import file_sha256
@@ -266,8 +267,7 @@ def dpo_task(cfg: Config, mesh) -> Task:
         epochs = lambda step: {"epochs/pairs": step * t.batch_size / train_idx.size}
         return it, evals, epochs
 
-    tokenizer = Path(cfg.run.init_from) / "tokenizer.model"
     return Task(data=data, tokens_per_step=2 * t.batch_size * d.seq_len,
                 objective=dpo_objective(cfg.dpo),
                 batch_dims={**{k: 3 for k in BATCH_KEYS}, "ref_logps": 2, "weights": 1},
-                tokenizer=tokenizer if tokenizer.is_file() else None)
+                tokenizer=find_tokenizer(cfg.run.init_from))

@@ -24,7 +24,7 @@ class Task:
     tokens_per_step: int
     objective: Optional[Callable] = None  # None: next-token cross-entropy
     batch_dims: Optional[dict] = None  # batch key -> rank; None: the LM batch
-    tokenizer: Optional[Path] = None  # copied into the run directory
+    tokenizer: Optional[Path] = None  # its file; its files are copied into the run directory
     sources_at: Optional[Callable[[int], dict]] = None
 
 
@@ -74,6 +74,7 @@ def check_init_from(cfg: Config) -> None:
     tokenizer becomes data.tokenizer unless one is set."""
     if not cfg.run.init_from:
         return
+    from phijax.data.tokenizer import find_tokenizer
     from phijax.weights import latest_step, load_config
     source = Path(cfg.run.init_from)
     base = load_config(source).model
@@ -82,5 +83,5 @@ def check_init_from(cfg: Config) -> None:
             raise ConfigError(f"model.{name} is {getattr(cfg.model, name)} but run.init_from "
                               f"{source} has {getattr(base, name)}")
     latest_step(source)
-    if not cfg.data.tokenizer and (source / "tokenizer.model").is_file():
-        cfg.data.tokenizer = str(source / "tokenizer.model")
+    if not cfg.data.tokenizer and (found := find_tokenizer(source)) is not None:
+        cfg.data.tokenizer = str(found)
