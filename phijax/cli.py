@@ -62,32 +62,38 @@ def _dpo(args) -> int:
 
 
 def _sample(args) -> int:
-    from phijax.sampling import Request, load_sampler
+    from phijax.sampling import Request, Sampler
+    from phijax.weights import load_checkpoint
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
-    sampler, tokenizer = load_sampler(args.ckpt)
     if args.prompt_ids is not None:
         try:
             prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise ConfigError(f"--prompt-ids {args.prompt_ids!r}: not comma-separated integers")
-    else:
+    # --prompt-ids needs no tokenizer (a checkpoint converted without one prints token ids)
+    cfg, params, tokenizer, mesh = load_checkpoint(args.ckpt,
+                                                   need_tokenizer=args.prompt is not None)
+    sampler = Sampler(cfg.model, params, mesh,
+                      vocab_limit=tokenizer.vocab_size if tokenizer else None)
+    if args.prompt is not None:
         prompt = tokenizer.encode([args.prompt])[0]
     request = Request(prompt, n=args.n, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      stop_ids=(tokenizer.eos_id,), seed=args.seed)
+                      stop_ids=(tokenizer.eos_id,) if tokenizer else (), seed=args.seed)
     for i, s in enumerate(sampler.generate([request])[0]):
         print(f"--- sample {i + 1}/{args.n}: {len(s.tokens)} tokens, finish {s.finish_reason}, "
               f"logprob {sum(s.logprobs):.2f}")
-        print(tokenizer.decode(s.tokens))
+        print(tokenizer.decode(s.tokens) if tokenizer else ",".join(map(str, s.tokens)))
     return 0
 
 
 def _serve(args) -> int:
     from phijax.serve import serve
 
-    return serve(args.ckpt, host=args.host, port=args.port, model_name=args.model_name)
+    return serve(args.ckpt, host=args.host, port=args.port, model_name=args.model_name,
+                 max_batch=args.max_batch, segment=args.segment)
 
 
 def _convert(args) -> int:
@@ -190,7 +196,7 @@ def _data_report(args) -> int:
     return 0
 
 
-RUN_DIR = "run directory (config.yaml, tokenizer.model, checkpoints/)"
+RUN_DIR = "run directory (config.yaml, its tokenizer, checkpoints/)"
 
 
 def _add_config_commands(sub) -> None:
@@ -221,6 +227,10 @@ def _add_checkpoint_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
+    s.add_argument("--max-batch", type=int, default=64,
+                   help="sample rows decoded together (a larger request runs alone)")
+    s.add_argument("--segment", type=int, default=8,
+                   help="decode steps between the points where new requests join the batch")
     s.set_defaults(fn=_serve)
     s = sub.add_parser("eval", help="score a checkpoint on benchmark tasks, or compare runs "
                        "(`phijax eval compare OUT1 OUT2`)")
@@ -267,7 +277,8 @@ def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
     s = data.add_parser("tokenize", help="tokenize a corpus into a token store (resumable)")
     s.add_argument("inputs", nargs="+", help="JSONL/text files, directories or builtin:...")
-    s.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    s.add_argument("--tokenizer", required=True,
+                   help="a sentencepiece .model, or a tokenizer.json (or a directory holding one)")
     s.add_argument("--out", required=True, help="store directory")
     s.add_argument("--text-field", default="text", help="JSONL text field (else `messages`)")
     s.add_argument("--glob", help="files of an input directory to read, e.g. '**/*.py'")

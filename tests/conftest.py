@@ -21,6 +21,16 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("phijax-cache")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir) -> Path:
+    """configs/tiny.yaml trained 20 steps on its text: a checkpoint with a tokenizer, for the
+    tests that serve or evaluate one (read it, never write it)."""
+    run = tmp_path_factory.mktemp("tiny-run") / "tiny-serve"
+    run_cli("train", ROOT / "configs" / "tiny.yaml", "train.steps=20", f"run.dir={run}",
+            f"data.cache_dir={cache_dir}")
+    return run
+
+
 def run_cli(*args, devices: int = 1, check: bool = True, **popen):
     """Run `python -m phijax ARGS` in a fresh process with `devices` virtual CPU devices."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",

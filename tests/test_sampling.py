@@ -143,3 +143,43 @@ def test_generate_from_another_thread_gives_the_same_tokens():
     worker.start()
     worker.join()
     assert [s.tokens for s in got[0][0]] == [s.tokens for s in sampler.generate(request)[0]]
+
+
+def test_top_logprobs_are_the_models_most_likely_tokens(model, sampler):
+    """A request's top_logprobs are the most likely ids of the full forward pass at each new
+    token, most likely first; a request that asks for none gets None."""
+    p = _prompts()
+    out = sampler.generate([Request(p[1], n=2, max_new_tokens=40, seed=1, top_logprobs=3),
+                            Request(p[0], max_new_tokens=5, temperature=0.0)])
+    assert out[1][0].top_logprobs is None
+    for sample in out[0]:
+        assert len(sample.top_logprobs) == len(sample.tokens) == 40
+        logp = jax.nn.log_softmax(model(jnp.array([p[1] + sample.tokens]))[0])
+        for k, top in enumerate(sample.top_logprobs):
+            row = np.asarray(logp[len(p[1]) - 1 + k])
+            assert [i for i, _ in top] == np.argsort(-row)[:3].tolist()
+            np.testing.assert_allclose([lp for _, lp in top], np.sort(row)[::-1][:3], atol=1e-4)
+
+
+def test_prompt_logprobs_are_the_forward_passes(model):
+    limited = Sampler(CFG, nnx.to_pure_dict(nnx.state(model)), vocab_limit=200)
+    prompts = [[7], [3, 9, 1, 4]] + _prompts()
+    scored = limited.prompt_logprobs(prompts, top=2)
+    for prompt, s in zip(prompts, scored):
+        logits = model(jnp.array([prompt]))[0]
+        logp = np.asarray(jax.nn.log_softmax(jnp.where(jnp.arange(256) < 200, logits, -jnp.inf)))
+        assert len(s.logprobs) == len(s.top) == len(prompt) - 1
+        np.testing.assert_allclose(s.logprobs, [logp[i, t] for i, t in enumerate(prompt[1:])],
+                                   atol=1e-4)
+        assert [[i for i, _ in top] for top in s.top] == \
+            [np.argsort(-row)[:2].tolist() for row in logp[:-1]]
+    assert limited.prompt_logprobs([[5, 6]])[0].top is None
+
+
+def test_a_sample_does_not_depend_on_the_filters_of_others(sampler):
+    p = _prompts()
+    plain = Request(p[0], n=2, max_new_tokens=12, seed=9)
+    alone = sampler.generate([plain])[0]
+    beside = sampler.generate([plain, Request(p[1], max_new_tokens=12, top_p=0.5, top_k=3,
+                                              seed=1)])[0]
+    assert [s.tokens for s in alone] == [s.tokens for s in beside]

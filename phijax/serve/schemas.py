@@ -3,8 +3,8 @@
 Every function here reads a parsed JSON body and either returns the value to use or raises an
 `APIError` whose body names the offending parameter (`param`) and says why (`code`):
 `invalid_type`, `invalid_value`, `missing_required_parameter`, `unsupported_parameter`,
-`model_not_found`. Known parameters this server cannot honour (echo, suffix, logit_bias,
-penalties, tools, streaming...) are refused when set to anything but their neutral value.
+`model_not_found`. Known parameters this server cannot honour (suffix, logit_bias, penalties,
+tools...) are refused when set to anything but their neutral value.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 MAX_N = 128                   # choices per prompt
 MAX_PROMPTS = 256             # prompts in one completions request
-MAX_STOP = 4                  # stop strings
+MAX_STOP = 64                 # stop strings
 MAX_LOGPROBS = 5              # completions `logprobs`
-MAX_TOP_LOGPROBS = 20         # chat `top_logprobs` (only 0 is served)
+MAX_TOP_LOGPROBS = 20         # chat `top_logprobs`
 COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -140,10 +140,21 @@ def check_model(body: dict, model_name: str) -> None:
                        f"`{model_name}`.", 404, param="model", code="model_not_found")
 
 
+def streaming(body: dict) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`); stream_options only with stream."""
+    stream = boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise bad_type("stream_options", "an object", options)
+    if not stream:
+        raise bad_value("stream_options", "only allowed when 'stream' is true.")
+    return stream, boolean(options, "include_usage", False)
+
+
 def refuse_unsupported(body: dict, chat: bool) -> None:
     """Refuse known parameters set to values this server cannot honour."""
-    if boolean(body, "stream", False):
-        raise unsupported("stream", ": streaming is not supported, send stream=false")
     for key in ("presence_penalty", "frequency_penalty"):
         if number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise unsupported(key, " (only 0)")
@@ -167,8 +178,6 @@ def _refuse_chat_only(body: dict) -> None:
 
 
 def _refuse_completions_only(body: dict) -> None:
-    if boolean(body, "echo", False):
-        raise unsupported("echo")
     if body.get("suffix"):
         raise unsupported("suffix")
     best_of = integer(body, "best_of", None, 1, MAX_N)
@@ -176,15 +185,14 @@ def _refuse_completions_only(body: dict) -> None:
         raise unsupported("best_of", " (other than n)")
 
 
-def chat_top_logprobs(body: dict) -> bool:
-    """Chat's `logprobs` flag; `top_logprobs` is accepted only as 0 (or absent)."""
+def chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs` flag and `top_logprobs`: None without log-probs, else how many of the
+    most likely tokens to list per token."""
     logprobs = boolean(body, "logprobs", False)
     top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top and not logprobs:
+    if top is not None and not logprobs:
         raise bad_value("top_logprobs", "requires logprobs to be true.")
-    if top:
-        raise unsupported("top_logprobs", " (only 0)")
-    return logprobs
+    return (top or 0) if logprobs else None
 
 
 def chat_messages(messages) -> list[dict]:
@@ -232,9 +240,11 @@ class Sampling:
     max_tokens: int | None  # None: the endpoint's default
 
 
-def sampling(body: dict, max_tokens_keys: tuple[str, ...], prompts: int) -> Sampling:
-    """The sampling parameters; `max_tokens_keys` in order of preference, `prompts` the number
-    of prompts (n times it is bounded). A missing seed is drawn at random."""
+def sampling(body: dict, max_tokens_keys: tuple[str, ...], prompts: int,
+             min_tokens: int = 1) -> Sampling:
+    """The sampling parameters; `max_tokens_keys` in order of preference (at least
+    `min_tokens`), `prompts` the number of prompts (n times it is bounded). A missing seed is
+    drawn at random."""
     n = integer(body, "n", 1, 1, MAX_N)
     temperature = number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
@@ -245,7 +255,7 @@ def sampling(body: dict, max_tokens_keys: tuple[str, ...], prompts: int) -> Samp
     stops = stop_strings(body)
     max_tokens = None
     for key in max_tokens_keys:
-        max_tokens = integer(body, key, None, 1)
+        max_tokens = integer(body, key, None, min_tokens)
         if max_tokens is not None:
             break
     if prompts * n > MAX_N * 8:
