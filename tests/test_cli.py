@@ -58,6 +58,18 @@ def test_train_on_chats_packs_whole_documents(tmp_path, cache_dir):
     assert metrics[-1]["epochs/chats"] > 0
 
 
+@pytest.mark.slow
+def test_eval_runs_every_eval_every_steps_whatever_log_every(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    run_cli("train", ROOT / "configs" / "tiny.yaml", f"run.dir={run_dir}",
+            f"data.cache_dir={cache_dir}", "train.steps=7", "train.log_every=3",
+            "train.eval_every=2", "train.eval_batches=1", "checkpoint.every=1000")
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4, 6, 7]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 6, 7]
+    assert all("loss" in m and "tokens_per_s" in m for m in metrics)
+
+
 def test_user_mistakes_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys):
     import argparse
 

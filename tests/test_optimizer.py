@@ -55,3 +55,32 @@ def test_loss_weights_mask_tokens_and_z_loss_adds_log_z_squared():
     with_z, _ = lm_objective(1e-2)(graphdef, params, batch)
     logz = jax.nn.logsumexp(logits, -1)
     np.testing.assert_allclose(with_z, nll + 1e-2 * jnp.sum(logz ** 2 * weights), rtol=1e-6)
+
+
+def test_a_nonfinite_step_changes_nothing_and_is_counted():
+    from phijax.config import load_config
+    from phijax.sharding import make_mesh
+    from phijax.train.step import build_trainer
+    from test_sharding import SMALL
+
+    cfg = load_config(None, SMALL)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    trainer = build_trainer(cfg, mesh)
+    good = _batch(np.ones((2, 8), np.float32))
+    good = dict(good, tokens=good["tokens"] % 256, targets=good["targets"] % 256)  # SMALL's vocab
+    bad = dict(good, loss_weights=good["loss_weights"].at[0, 3].set(jnp.nan))
+    with jax.set_mesh(mesh):
+        state = trainer.init()
+        before = jax.tree.map(np.asarray, state)
+        state, metrics = trainer.train_step(state, bad)
+        assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped_steps"]) == 1
+        for part in ("params", "opt_state"):  # the moments and Adam's step count too
+            for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(state[part])):
+                np.testing.assert_array_equal(a, np.asarray(b))
+        assert int(state["skipped_steps"]) == 1 and int(state["step"]) == 1
+        state, metrics = trainer.train_step(state, good)
+        assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped_steps"]) == 1
+        assert int(state["step"]) == 2
+        changed = [not np.array_equal(a, np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]))]
+        assert all(changed)

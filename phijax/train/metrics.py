@@ -1,6 +1,7 @@
 """FLOP accounting, device peaks, and the metrics writers (JSONL + TensorBoard)."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -73,8 +74,8 @@ class MetricsWriter:
             return
         self.jsonl.write(jsonl_line(record))
         self.jsonl.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+        for key, value in record.items():  # a NaN (a skipped step) stays in the JSONL only
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
 
