@@ -26,6 +26,9 @@ from phijax.sharding import named, param_specs
 
 def load_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
+    if Path(run_dir).is_file():
+        raise ConfigError(f"checkpoint {run_dir} is a file; give a run directory (config.yaml, "
+                          f"checkpoints/)")
     if not path.is_file():
         raise ConfigError(f"checkpoint {run_dir}: no config.yaml (give a run directory)")
     return from_dict(Config, yaml.safe_load(path.read_text()) or {}, "")
@@ -92,13 +95,14 @@ def load_checkpoint(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
     from phijax.sharding import make_mesh
 
     run_dir = Path(run_dir)
+    saved = load_config(run_dir)
     found = find_tokenizer(run_dir)
     if found is None and need_tokenizer:
         raise DataError(f"checkpoint {run_dir}: no tokenizer.model or tokenizer.json (runs "
                         f"trained on text have one; give prompts as token ids)")
     tokenizer = None if found is None else load_tokenizer(found)
     if mesh is None:
-        shape = load_config(run_dir).mesh
+        shape = saved.mesh
         mesh = make_mesh(shape) if math.prod(shape.shape) == jax.device_count() else \
             make_mesh(MeshConfig(), jax.devices()[:1])
     cfg, params = load_params(run_dir, mesh)

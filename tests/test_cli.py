@@ -97,3 +97,29 @@ def test_a_directory_given_as_the_tokenizer_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("phijax: error: tokenizer ")
     assert "Traceback" not in out.stderr
+
+
+def test_paths_and_ports_are_one_line_before_any_work(tmp_path, tiny_run):
+    """A file where a run directory belongs (and a file in its path), a checkpoint that is a
+    file, a port already in use: one line each, exit 2, no traceback, nothing tokenized."""
+    import socket
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = {("train", ROOT / "configs" / "tiny.yaml", f"run.dir={a_file}"):
+             f"run.dir {a_file} is a file, not a directory",
+             ("train", ROOT / "configs" / "tiny.yaml", f"run.dir={a_file / 'run'}"):
+             f"{a_file} is a file, not a directory",
+             ("sample", a_file, "--prompt", "x"): f"checkpoint {a_file} is a file",
+             ("serve", a_file): f"run directory {a_file} is a file"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases[("serve", tiny_run, "--port", taken.getsockname()[1])] = \
+            f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"
+        for args, message in cases.items():
+            out = run_cli(*args, check=False)
+            assert out.returncode == 2, (args, out.stderr)
+            assert "Traceback" not in out.stderr and "tokenize" not in out.stderr, out.stderr
+            last = out.stderr.strip().splitlines()[-1]
+            assert last.startswith("phijax: error: ") and message in last, (args, last)

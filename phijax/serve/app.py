@@ -308,7 +308,8 @@ def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000,
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
+        raise ConfigError(f"run directory {run_dir} " + ("is a file" if run_dir.exists()
+                                                         else "does not exist"))
     sampler, tokenizer = load_sampler(run_dir)
     name = model_name or run_dir.resolve().name
     server = Server(sampler, tokenizer, name, host, port, max_batch, segment, batch_wait)

@@ -176,12 +176,28 @@ def _write_run_files(cfg: Config, task, run_dir: Path, start: int) -> None:
     _trim_metrics(run_dir / "metrics.jsonl", start)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """run.dir is a directory, or can be made one: a ConfigError before any data or compile
+    work otherwise (a file in its place or in its path, a parent we cannot write)."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"run.dir {run_dir} is a file, not a directory")
+        existing = run_dir
+    else:
+        existing = next(p for p in run_dir.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"run.dir {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir {run_dir}: {existing} is not writable")
+
+
 def train(cfg: Config, make_task: Callable = lm_task) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
     maybe_initialize_distributed(cfg.run.distributed)
     validate(cfg, jax.device_count())
     check_init_from(cfg)
     run_dir = Path(cfg.run.dir)
+    check_run_dir(run_dir)
     check_resume(cfg, run_dir)
     mesh = make_mesh(cfg.mesh)
     task = make_task(cfg, mesh)
