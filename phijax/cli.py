@@ -114,6 +114,8 @@ def _eval(args) -> int:
     if len(targets) != 1:
         raise ConfigError(f"eval: give one checkpoint, or `compare OUT1 OUT2 ...` (got "
                           f"{' '.join(targets) or 'none'})")
+    if args.lm_eval:
+        return _eval_lm_eval(targets[0], args)
     from phijax.config import check_fields, load
     from phijax.eval.harness import HarnessConfig, run_eval
     from phijax.eval.report import format_results
@@ -129,6 +131,17 @@ def _eval(args) -> int:
     doc = run_eval(targets[0], cfg, args.out)
     print(format_results(doc))
     print(json.dumps(doc["tasks"]))
+    return 0
+
+
+def _eval_lm_eval(run_dir: str, args) -> int:
+    from phijax.eval.lm_harness import format_lm_eval, run_lm_eval
+
+    if args.tasks or args.questions:
+        raise ConfigError("--lm-eval names its own tasks; give it without --tasks/--questions")
+    results = run_lm_eval(run_dir, args.lm_eval, args.out, args.limit, args.lm_eval_include)
+    print(format_lm_eval(results))
+    print(json.dumps(results))
     return 0
 
 
@@ -245,6 +258,10 @@ def _add_checkpoint_commands(sub) -> None:
     s.add_argument("--questions", help="a question JSONL (id, kind, prompt, answer): the arith task")
     s.add_argument("--config", help="YAML of evaluation settings (tasks, paths, samples, ...)")
     s.add_argument("--plot", help="with compare: write a bar chart (PNG) here")
+    s.add_argument("--lm-eval", metavar="TASKS", help="run lm-evaluation-harness tasks "
+                   "(comma-separated) against the checkpoint, served on a free port")
+    s.add_argument("--lm-eval-include", metavar="DIR", help="with --lm-eval: a folder of "
+                   "lm-eval task YAMLs")
     s.set_defaults(fn=_eval, overrides=[])
 
 
