@@ -322,6 +322,13 @@ class TrainConfig:
     log_every: int = positive(10)
     eval_every: int = positive(50)
     eval_batches: int = 2
+    # Benchmark tasks of `phijax eval` scored at each eval step (phijax.train.eval_tasks): each
+    # task's file is eval_paths[task], else eval_data_dir/<its default file>.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_data_dir: Optional[str] = None
+    eval_paths: dict = field(default_factory=dict)  # task -> data file
+    eval_limit: Optional[int] = positive(None)  # the first N items of each task
+    eval_max_new_tokens: Optional[int] = positive(None)  # default: each task's own
     peak_flops_per_device: Optional[float] = None  # FLOP/s; measured on CPU when unset
     # A step whose loss or gradient norm is not finite is never applied; `stop` ends the run
     # (exit status 1) with the last good checkpoint intact, `skip` goes on and counts it.

@@ -1,5 +1,5 @@
-"""`phijax train`: the training loop with logging, eval, checkpoints, the non-finite step guard
-and SIGTERM / Ctrl-C handling."""
+"""`phijax train`: the training loop with logging, eval (held-out loss and benchmark tasks),
+checkpoints, the non-finite step guard and SIGTERM / Ctrl-C handling."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,7 @@ from phijax.errors import ConfigError
 from phijax.files import atomic_write, read_jsonl, write_jsonl
 from phijax.sharding import make_mesh
 from phijax.train.checkpoint import Checkpointer, check_resume
+from phijax.train.eval_tasks import EvalTasks, load_eval_tasks
 from phijax.train.metrics import MetricsWriter, device_peak, flops_per_token
 from phijax.train.step import build_trainer
 from phijax.train.tasks import check_init_from, lm_task
@@ -195,12 +196,14 @@ def train(cfg: Config, make_task: Callable = lm_task) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
     maybe_initialize_distributed(cfg.run.distributed)
     validate(cfg, jax.device_count())
+    benchmarks = load_eval_tasks(cfg)  # every file read before any data or compile work
     check_init_from(cfg)
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
     check_resume(cfg, run_dir)
     mesh = make_mesh(cfg.mesh)
     task = make_task(cfg, mesh)
+    eval_tasks = EvalTasks(cfg, benchmarks, task.tokenizer, mesh) if benchmarks else None
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     trainer = build_trainer(cfg, mesh, task.objective, task.batch_dims)
@@ -223,7 +226,7 @@ def train(cfg: Config, make_task: Callable = lm_task) -> dict:
                 _write_run_files(cfg, task, run_dir, start)
             writer = MetricsWriter(run_dir, enabled=primary)
             try:
-                last = _loop(cfg, task, trainer, state, start, ckpt, writer, stop)
+                last = _loop(cfg, task, trainer, state, start, ckpt, writer, stop, eval_tasks)
             finally:
                 writer.close()
     except KeyboardInterrupt:  # a second Ctrl-C: no waiting for a save in flight
@@ -274,7 +277,7 @@ class _Progress:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
 
-def _loop(cfg, task, trainer, state, start, ckpt, writer, stop) -> dict:
+def _loop(cfg, task, trainer, state, start, ckpt, writer, stop, eval_tasks=None) -> dict:
     t = cfg.train
     it, eval_batches, epochs_at = task.data(start)
     progress = _Progress(cfg, task, start)
@@ -288,12 +291,19 @@ def _loop(cfg, task, trainer, state, start, ckpt, writer, stop) -> dict:
         stopping = stop.should_stop()  # read once: a signal may land anywhere in this iteration
         final = done == t.steps or stopping
         evaluate = bool(eval_batches) and (done % t.eval_every == 0 or final)
-        if done % t.log_every == 0 or done == start + 1 or final or evaluate:
+        # benchmark tasks may take minutes: not while stopping on a signal
+        score = eval_tasks is not None and not stopping and \
+            (done % t.eval_every == 0 or done == t.steps)
+        if done % t.log_every == 0 or done == start + 1 or final or evaluate or score:
             last = progress.record(done, metrics, nonfinite.check(ckpt), epochs_at(done))
             if evaluate:
                 last.update(_evaluate(trainer, state["params"], eval_batches))
+            if score:
+                last.update(eval_tasks.run(state["params"]))
             writer.write(last)
             progress.log(last)
+            if score:
+                eval_tasks.log(done)
         if done % cfg.checkpoint.every == 0 or final:
             nonfinite.check(ckpt)  # never saves past a non-finite step under `stop`
             ckpt.save(done, state, {"step": done, "seed": cfg.data.seed})
