@@ -241,3 +241,41 @@ def test_judge_settings_load_as_a_typed_section():
     assert cfg.judge.model == "m" and cfg.judge.concurrency == 8
     with pytest.raises(ConfigError, match="judge.model: required"):
         load(HarnessConfig, None, ["judge.base_url=http://127.0.0.1:1/v1"])
+
+
+# ---------------------------------------------------------------- likelihoods
+
+def test_continuation_loglikelihoods_equal_the_full_forward():
+    """The scorer runs the LM head only where a continuation token is predicted; per pair it
+    equals log-softmax over the whole forward's logits, summed over the continuation, for
+    contexts and continuations of many lengths, a batch that pads, a truncated context, and
+    choices that share a row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from phijax.config import ModelConfig
+    from phijax.eval.loglik import LikelihoodScorer
+    from phijax.model import init_model
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = init_model(cfg, 0)
+    params = nnx.to_pure_dict(nnx.state(model))
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(1, 96, c).tolist(), rng.integers(1, 96, k).tolist())
+             for c, k in [(1, 1), (5, 3), (17, 9), (40, 2), (30, 20), (3, 12), (80, 4)]]
+    # Choices that differ only in their last token share a row: letters, and longer ones.
+    question = rng.integers(1, 96, 21).tolist()
+    pairs += [(question, [letter]) for letter in (10, 11, 12, 13, 14)]
+    pairs += [(question, [7, 8, last]) for last in (1, 2, 3)] + [(question[:-1], [question[-1]])]
+
+    def full(context, continuation):
+        ids = (context + continuation)[-(cfg.max_position_embeddings + 1):]
+        logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]]))[0], axis=-1)
+        k = len(continuation)
+        return float(sum(logp[len(ids) - 1 - k + j, ids[len(ids) - k + j]] for j in range(k)))
+
+    got = LikelihoodScorer(cfg, params, batch=4).score(pairs)
+    np.testing.assert_allclose(got, [full(*p) for p in pairs], rtol=1e-5, atol=1e-5)

@@ -229,3 +229,20 @@ def test_only_sentencepiece_models_trained_like_phijax_export(tmp_path):
     (tmp_path / "other.model").write_bytes(model.getvalue())
     with pytest.raises(DataError, match="only a BPE model trained like `phijax tokenizer"):
         load_tokenizer(tmp_path / "other.model").hf_files()
+
+
+def test_a_bare_tokenizer_json_exports_with_its_eos_and_pad(phi4_dir, tmp_path):
+    """A tokenizer.json with no tokenizer_config.json beside it: the export names the tokens
+    phijax uses (<|endoftext|> ends a document), so AutoTokenizer knows eos and pad."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(phi4_dir / "tokenizer.json", bare / "tokenizer.json")
+    tok = load_tokenizer(bare)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in tok.hf_files().items():
+        (out / name).write_bytes(data)
+    auto = auto_tokenizer(out)
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == tok.eos_id
+    assert auto.pad_token_id == tok.pad_id
+    assert auto.encode(TEXTS[0]) == tok.encode([TEXTS[0]])[0]

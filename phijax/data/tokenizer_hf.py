@@ -208,8 +208,23 @@ class HFTokenizer(Tokenizer, kind="hf"):
         return enc.ids, np.array(enc.offsets, np.int64).reshape(-1, 2)
 
     def hf_specials(self) -> dict[str, str | None]:
-        return dict(self.specials)
+        """The specials its files name; eos and pad, where they name none, are the tokens
+        phijax uses (<|endoftext|> ends a document): an export always has them set."""
+        specials = dict(self.specials)
+        for name, i in (("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if specials.get(name) is None:
+                specials[name] = self.backend.id_to_token(i)
+        return specials
 
     def hf_files(self) -> dict[str, bytes]:
-        """The tokenizer's own files."""
-        return {name: p.read_bytes() for name, p in self.files().items()}
+        """The tokenizer's own files; a tokenizer_config.json naming its specials (and chat
+        template) where it has none, so that AutoTokenizer knows its eos and pad."""
+        files = {name: p.read_bytes() for name, p in self.files().items()}
+        if CONFIG not in files:
+            config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      **{k: v for k, v in self.hf_specials().items() if v is not None},
+                      "clean_up_tokenization_spaces": False}
+            if self.chat_template:
+                config["chat_template"] = self.chat_template
+            files[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
+        return files

@@ -51,6 +51,7 @@ class Model:
     params: dict
     tokenizer: object
     mesh: object
+    batch: int = 64  # rows per likelihood batch
     _sampler: object = None
     _scorer: object = None
 
@@ -66,7 +67,7 @@ class Model:
     def scorer(self):
         if self._scorer is None:
             from phijax.eval.loglik import LikelihoodScorer
-            self._scorer = LikelihoodScorer(self.cfg.model, self.params)
+            self._scorer = LikelihoodScorer(self.cfg.model, self.params, self.batch)
         return self._scorer
 
 
@@ -220,7 +221,7 @@ def run_eval(run_dir, cfg: HarnessConfig, out=None) -> dict:
 
     tasks = load_tasks(cfg)  # every file checked before the (slow) model load
     model_cfg, params, tokenizer, mesh = load_checkpoint(run_dir)
-    results = evaluate_tasks(Model(model_cfg, params, tokenizer, mesh), tasks, cfg)
+    results = evaluate_tasks(Model(model_cfg, params, tokenizer, mesh, cfg.batch), tasks, cfg)
     header = {"checkpoint": str(run_dir), "step": latest_step(run_dir), "config": asdict(cfg)}
     doc = {**header, "tasks": {t: metrics for t, (metrics, _) in results.items()}}
     if out is not None:

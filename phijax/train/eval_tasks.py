@@ -72,7 +72,8 @@ class EvalTasks:
     def run(self, params) -> dict:
         """{eval/<task>/<metric>: value, eval/<task>/<metric>_stderr: its standard error}."""
         start = time.perf_counter()
-        model = Model(self.cfg, params, self.tokenizer, self.mesh, _scorer=self.scorer)
+        model = Model(self.cfg, params, self.tokenizer, self.mesh, self.harness.batch,
+                      _scorer=self.scorer)
         if self.scorer is not None:
             self.scorer.params = params
         # as `phijax eval` runs it: no mesh in context (the decoding model's abstract init is
