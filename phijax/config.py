@@ -263,6 +263,9 @@ class ModelConfig:
     remat: str = one_of("none", "full", "dots", "dots_no_batch")
     scan_layers: bool = True
     attention: str = one_of("xla", "cudnn")  # cudnn: GPU + bfloat16 only; xla elsewhere
+    # Sequence positions whose float32 logits the loss holds at once: (batch, loss_chunk, vocab)
+    # instead of (batch, seq_len, vocab), recomputed in the backward pass. null: all at once.
+    loss_chunk: Optional[int] = positive(1024)
 
     @property
     def dim_per_head(self) -> int:

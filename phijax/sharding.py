@@ -1,5 +1,9 @@
-"""Mesh construction and the one table from logical axis names to mesh axes."""
+"""Mesh construction, the one table from logical axis names to mesh axes, and what it leaves
+replicated where a mesh axis does not divide a dim."""
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -29,32 +33,88 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
                          devices=devices)
 
 
-def spec_for(names, shape, mesh: Mesh) -> P:
-    """PartitionSpec for an array with logical axis `names`; an axis whose size the mesh axes
-    do not divide stays replicated (e.g. phi-4's 10 KV heads on tensor=4)."""
-    out, used = [], set()
-    for name, size in zip(names, shape):
+class Replicated(NamedTuple):
+    """One parameter dim left unsplit over a mesh axis its rule names: the axis does not divide
+    it (e.g. phi-4's 10 KV heads on tensor=4), so every device holds that dim whole."""
+    path: str  # "layers.attn.qkv"
+    dim: int
+    axis: str  # the mesh axis
+    extra_bytes: int  # per device, over what splitting the dim along `axis` would hold
+    name: str  # the dim's logical name
+    size: int
+
+
+def _placement(names, shape, mesh: Mesh) -> tuple[P, list[tuple[int, str]]]:
+    """The PartitionSpec for logical axis `names`, each dim over those of its rule's mesh axes
+    that divide it, and the (dim, mesh axis) pairs left out because they do not divide."""
+    out, used, left_out = [], set(), []
+    for dim, (name, size) in enumerate(zip(names, shape)):
         axes = RULES.get(name) if name else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        if axes and size % int(np.prod([mesh.shape[a] for a in axes])) == 0:
-            used.update(axes)
-            out.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            out.append(None)
-    return P(*out)
+        kept = []
+        for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+            if mesh.shape[axis] == 1 or axis in used:
+                continue
+            if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+            else:
+                left_out.append((dim, axis))
+        used.update(kept)
+        out.append(tuple(kept) if len(kept) > 1 else kept[0] if kept else None)
+    return P(*out), left_out
+
+
+def spec_for(names, shape, mesh: Mesh) -> P:
+    """PartitionSpec for an array with logical axis `names`: each dim split over the mesh axes
+    of its rule that divide it, replicated over the others (see `replicated_params`)."""
+    return _placement(names, shape, mesh)[0]
+
+
+def _logical_names(var) -> tuple:
+    return var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
 
 
 def param_specs(abstract_state, mesh: Mesh) -> dict:
     """PartitionSpecs, as a pure dict, for an NNX state whose Variables carry logical names."""
     out: dict = {}
     for path, var in nnx.to_flat_state(abstract_state):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = spec_for(names, var.shape, mesh)
+        node[path[-1]] = spec_for(_logical_names(var), var.shape, mesh)
     return out
+
+
+def replicated_params(abstract_state, mesh: Mesh) -> list[Replicated]:
+    """Every parameter dim that `param_specs` leaves whole over a mesh axis its rule names,
+    because the axis does not divide it, with what that costs per device."""
+    out = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        names = _logical_names(var)
+        spec, left_out = _placement(names, var.shape, mesh)
+        shards = math.prod(mesh.shape[a] for axes in spec if axes
+                           for a in ((axes,) if isinstance(axes, str) else axes))
+        per_device = math.prod(var.shape) * np.dtype(var.dtype).itemsize // shards
+        out += [Replicated(".".join(map(str, path)), dim, axis,
+                           per_device - per_device // mesh.shape[axis], names[dim], var.shape[dim])
+                for dim, axis in left_out]
+    return out
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+
+
+def describe_replicated(found: list[Replicated], mesh: Mesh) -> str:
+    """One line naming each replicated parameter dim, its mesh axis and its cost per device."""
+    parts = [f"{r.path} dim {r.dim} ({r.name}={r.size}) over {r.axis}={mesh.shape[r.axis]} "
+             f"+{_bytes_text(r.extra_bytes)}" for r in found]
+    total = _bytes_text(sum(r.extra_bytes for r in found))
+    return (f"sharding: {len({r.path for r in found})} parameters are replicated over a mesh "
+            f"axis that does not divide them, +{total} per device (parameters; each optimizer "
+            f"moment as much again): {', '.join(parts)}")
 
 
 def named(tree_of_specs, mesh: Mesh):

@@ -1,11 +1,15 @@
 """The sharded train step on 8 virtual CPU devices matches one device."""
+import logging
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from phijax.config import load_config
 from phijax.data.loader import synthetic_batches
-from phijax.sharding import make_mesh, spec_for
+from phijax.model import abstract_model
+from phijax.sharding import make_mesh, replicated_params, spec_for
 from phijax.train.step import build_trainer
 from jax.sharding import PartitionSpec as P
 
@@ -48,7 +52,11 @@ def test_eight_devices_available():
     assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("mesh", [("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), ("mesh.fsdp=8",)])
+MESH_222 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+
+
+# The last: the loss in chunks of 12 positions (32 = 12 + 12 + 8), the vocabulary split over tensor.
+@pytest.mark.parametrize("mesh", [MESH_222, ("mesh.fsdp=8",), (*MESH_222, "model.loss_chunk=12")])
 def test_meshes_match_single_device(single, mesh):
     reference, ref_state = single
     sharded, state = losses(*mesh)
@@ -76,3 +84,32 @@ def test_rule_table_replicates_what_it_cannot_divide():
     assert spec_for(("embed", "kv_heads", None, "head_dim"), (64, 10, 6, 128), mesh) == P(None, None, None, None)
     assert spec_for(("embed", "kv_heads", None, "head_dim"), (64, 8, 6, 128), mesh) == P(None, "tensor", None, None)
     assert spec_for(("vocab", "embed"), (1024, 64), mesh) == P("tensor", None)
+
+
+def test_rule_table_shards_over_the_mesh_axes_that_divide():
+    mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=4"]).mesh)
+    assert spec_for(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
+    assert spec_for(("batch", None), (6, 3), mesh) == P("data", None)  # fsdp=4 does not divide 6
+
+
+def test_kv_heads_that_tensor_does_not_divide_are_named_once_and_still_train(single, caplog):
+    """SMALL's 2 KV heads on tensor=4: the attention weights stay whole over the tensor axis;
+    build_trainer says so in one warning, with what it costs per device."""
+    mesh = make_mesh(load_config(None, ["mesh.fsdp=2", "mesh.tensor=4"]).mesh)
+    state = nnx.state(abstract_model(load_config(None, SMALL).model))
+    found = replicated_params(state, mesh)
+    # qkv (layers 2, embed 64, kv 2, 4, 16: 64 KiB) and o (layers 2, kv 2, 2, 16, embed 64:
+    # 32 KiB), float32: each device holds half of each (embed over fsdp=2) where an eighth would
+    # do, 3/8 of each more.
+    assert [r[:4] for r in found] == [("layers.attn.o", 1, "tensor", 12288),
+                                      ("layers.attn.qkv", 2, "tensor", 24576)]
+    assert [(r.name, r.size) for r in found] == [("kv_heads", 2)] * 2
+    with caplog.at_level(logging.WARNING, logger="phijax"):
+        sharded, _ = losses("mesh.fsdp=2", "mesh.tensor=4")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "sharding: 2 parameters are replicated over a mesh axis that does not divide them, "
+        "+36.0 KiB per device (parameters; each optimizer moment as much again): "
+        "layers.attn.o dim 1 (kv_heads=2) over tensor=4 +12.0 KiB, "
+        "layers.attn.qkv dim 2 (kv_heads=2) over tensor=4 +24.0 KiB"]
+    np.testing.assert_allclose(sharded, single[0], rtol=1e-5)

@@ -6,6 +6,7 @@ batch = {"tokens", "targets", "positions", "segment_ids": int32, "loss_weights":
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,22 +18,45 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phijax.config import Config
 from phijax.model import abstract_model, init_model
-from phijax.sharding import batch_sharding, named, param_specs
+from phijax.sharding import (batch_sharding, describe_replicated, named, param_specs,
+                             replicated_params)
 from phijax.train.optimizer import learning_rate_schedule, make_optimizer
 
+log = logging.getLogger("phijax")
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+
+
+def log_partition(h, w_out, chunk: int | None):
+    """logsumexp of the logits h @ w_out at every position: (b, s) float32 from h (b, s, hidden).
+
+    With `chunk` < s the logits are computed `chunk` positions at a time, a (b, chunk, vocab)
+    float32 array each, and recomputed in the backward pass instead of saved: the whole
+    (b, s, vocab) array never exists. The last chunk is padded (and the padding cut off)."""
+    b, s, e = h.shape
+
+    def logz_of(part, w):
+        logits = jnp.dot(part.reshape(-1, e), w, preferred_element_type=jnp.float32)
+        return jax.nn.logsumexp(logits, axis=-1).reshape(part.shape[:-1])
+
+    if chunk is None or chunk >= s:
+        return logz_of(h, w_out)
+    n = -(-s // chunk)
+    parts = jnp.pad(h, ((0, 0), (0, n * chunk - s), (0, 0))).reshape(b, n, chunk, e)
+    # Chunks along the sequence keep each one's rows on the devices that hold them.
+    logz = jax.lax.map(lambda part: jax.checkpoint(logz_of)(part, w_out), parts.swapaxes(0, 1))
+    return logz.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
 
 
 def _logz_and_target_logits(graphdef, params, batch):
     """Per token (flattened): log-partition and target logit, both float32."""
     model = nnx.merge(graphdef, params)
     h = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    h = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
-    logz = jax.nn.logsumexp(model.logits(h), axis=-1)
+    w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
+    logz = log_partition(h, w_out, model.cfg.loss_chunk).reshape(-1)
     # The target logit straight from h and the target's output column: O(tokens * hidden),
     # where picking it out of the logits would add full (tokens, vocab) passes to both directions.
+    h = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
     targets = batch["targets"].reshape(-1)
-    w_out = model.output_weights().astype(h.dtype)  # (hidden, vocab)
     target_logit = jnp.einsum("te,et->t", h, jnp.take(w_out, targets, axis=1),
                               preferred_element_type=jnp.float32)
     return logz, target_logit
@@ -154,6 +178,8 @@ def build_trainer(cfg: Config, mesh: Mesh, objective=None, batch_dims: dict | No
     the LM batch, all (b, s)). Every batch array is split over the data axes on its first dim."""
     graphdef, abstract_vars = nnx.split(abstract_model(cfg.model))
     params_sh = named(param_specs(abstract_vars, mesh), mesh)
+    if unsplit := replicated_params(abstract_vars, mesh):  # said once, at start-up
+        log.warning(describe_replicated(unsplit, mesh))
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
 
     objective = objective or lm_objective(cfg.optimizer.z_loss)
