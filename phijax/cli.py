@@ -209,6 +209,12 @@ def _data_report(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from phijax.plan.command import run
+
+    return run(args)
+
+
 RUN_DIR = "run directory (config.yaml, its tokenizer, checkpoints/)"
 
 
@@ -312,12 +318,31 @@ def _add_data_commands(sub) -> None:
     s.set_defaults(fn=_data_report)
 
 
+def _add_plan_commands(sub) -> None:
+    s = sub.add_parser("plan", help="compile the train step for a TPU slice from this host: "
+                       "memory per device, FLOPs, collectives, roofline step time and cost")
+    s.add_argument("config", help="YAML config file")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
+    s.add_argument("--topology", required=True, help="v5p-128 (v4-N and v5p-N count "
+                   "TensorCores), v6e-256, v5e-16, a libtpu shape such as v5p:4x4x8, cpu-8, "
+                   "h100x8 or h200x8 (GPUs: an analytic estimate)")
+    s.add_argument("--out", default="plan.json", help="write the plan as JSON here ('' not at all)")
+    s.add_argument("--tokens", type=_token_count, help="training tokens to cost, e.g. 9.8T")
+    s.add_argument("--hbm", help="memory budget per device instead of the chip's, e.g. 64GiB")
+    s.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of the budget to keep free (default 0.1)")
+    s.add_argument("--search", nargs="?", const="mesh,remat,microbatches", metavar="AXES",
+                   help="find the fastest plan that fits over mesh,remat,microbatches (or a "
+                   "comma-separated subset)")
+    s.set_defaults(fn=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phijax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_config_commands, _add_checkpoint_commands, _add_convert_commands,
-                _add_data_commands):
+                _add_data_commands, _add_plan_commands):
         add(sub)
     return p
 

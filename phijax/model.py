@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phijax.config import ModelConfig
+from phijax.sharding import shard_rows
 
 # Shardings are applied at the jit boundary, not when a Variable is created, in every thread
 # (sampling also runs in server and judge worker threads).
@@ -261,12 +262,12 @@ class Phi(nnx.Module):
         rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
         # Blocks work on (b * s, hidden): XLA:CPU runs 2-D matmuls, and their weight gradients,
         # much faster than einsums batched over (b, s).
-        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt)
+        x = shard_rows(jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt))
 
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, rope_cs, mask), None
+            return shard_rows(nnx.merge(graphdef, layer_state)(shard_rows(h), rope_cs, mask)), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)

@@ -122,6 +122,21 @@ def named(tree_of_specs, mesh: Mesh):
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def shard_rows(x):
+    """x (rows, ...) constrained to rows split over the batch axes of the mesh in context, as
+    the batch is: without it, activations inherit the embedding table's split (its hidden dim
+    over fsdp) and every device holds every token of the batch. A no-op outside a mesh, or when
+    the rows do not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in RULES["batch"] if a in mesh.axis_names)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n <= 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *[None] * (x.ndim - 1)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows over the data-parallel axes; arrays of shape (batch, ...) of rank `ndim`."""
     return NamedSharding(mesh, P(RULES["batch"], *(None,) * (ndim - 1)))

@@ -113,3 +113,25 @@ def test_kv_heads_that_tensor_does_not_divide_are_named_once_and_still_train(sin
         "layers.attn.o dim 1 (kv_heads=2) over tensor=4 +12.0 KiB, "
         "layers.attn.qkv dim 2 (kv_heads=2) over tensor=4 +24.0 KiB"]
     np.testing.assert_allclose(sharded, single[0], rtol=1e-5)
+
+
+def _step_temp_bytes(overrides: list[str], devices: int) -> int:
+    """Temporary bytes per device of the compiled train step (32 rows of 128 tokens)."""
+    cfg = load_config(None, SMALL + ["data.seq_len=128", "train.batch_size=32",
+                                     "model.remat=none", *overrides])
+    mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
+    trainer = build_trainer(cfg, mesh)
+    batch = {k: jax.ShapeDtypeStruct((32, 128), np.float32 if k == "loss_weights" else np.int32,
+                                     sharding=s) for k, s in trainer.batch_shardings.items()}
+    with jax.set_mesh(mesh):
+        compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_activations_are_split_by_rows_over_the_batch_axes():
+    """Under FSDP each device holds its own rows' activations: the step's temporaries on 8
+    devices are near an eighth of one device's (they were all of them: the embedding lookup's
+    output took the table's hidden-dim split)."""
+    one = _step_temp_bytes([], 1)
+    eight = _step_temp_bytes(["mesh.fsdp=8"], 8)
+    assert eight < 0.3 * one, (eight, one)
