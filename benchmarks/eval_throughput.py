@@ -210,21 +210,21 @@ def hf_new_tokens(new: list[int], stop_ids) -> list[int]:
 # ---------------------------------------------------------------- FLOPs
 
 def loglik_flops(cfg, pairs) -> tuple[float, float, float]:
-    """Matmul FLOPs of scoring `pairs` (in order, CHOICES per item): as phijax does it (every
-    row through the layers and the LM head at every position); as lm-eval does it (the same,
-    but one row for all pairs whose context + continuation[:-1] is the same: one-token
-    continuations of one context share a forward); and the least work for the same figures
-    (each context once through the layers, the LM head only where scored)."""
+    """Matmul FLOPs of scoring `pairs` (in order, CHOICES per item): as phijax does it (one row
+    per group of pairs whose context + continuation[:-1] is the same, through the layers, and
+    the LM head only at the positions that predict a continuation token); as lm-eval does it
+    (one row per such group too, the LM head at every position); and the least work for the
+    same figures (each context once through the layers, the LM head only where scored)."""
     from phijax.train.metrics import param_counts
 
     c = param_counts(cfg)
     layers, head = c["attention"] + c["mlp"], cfg.vocab_size * cfg.hidden_size
-    done = sum(2.0 * (len(a) + len(b) - 1) * (layers + head) for a, b in pairs)
     rows: dict = {}
     for a, b in pairs:
         key = tuple(a) + tuple(b[:-1])
-        rows[key] = max(rows.get(key, 0), len(a) + len(b) - 1)
-    theirs = sum(2.0 * n * (layers + head) for n in rows.values())
+        rows[key] = max(rows.get(key, (0, 0)), (len(a) + len(b) - 1, len(b)))
+    done = sum(2.0 * (n * layers + k * head) for n, k in rows.values())
+    theirs = sum(2.0 * n * (layers + head) for n, _ in rows.values())
     least = 0.0
     for k in range(0, len(pairs), CHOICES):
         least += 2.0 * len(pairs[k][0]) * layers
@@ -305,7 +305,7 @@ def report(args, cfg, tok, ours, hf, peak, wall) -> None:
          "peak_gflops": round(peak / 1e9, 1),
          "phijax_loglik_peak_fraction": round(done / ours["loglik_s"] / peak, 3),
          "lm_eval_loglik_peak_fraction": round(theirs_done / hf["loglik_s"] / peak, 3),
-         "lm_eval_loglik_rows_per_request": round(theirs_done / done, 3),
+         "lm_eval_loglik_work_per_phijax_work": round(theirs_done / done, 3),
          "loglik_ratio_at_peak": round(hf["loglik_s"] / (done / peak), 2),
          "loglik_least_work_ratio_at_peak": round(hf["loglik_s"] / (least / peak), 2),
          "phijax_gen_peak_fraction": round(gen_flops / ours["gen_s"] / peak, 3),
