@@ -10,8 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
-from test_multiprocess import free_port
+from conftest import ROOT, free_port
 
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 pytest.importorskip("lm_eval", reason="lm-eval[api] comes with the dev extra")

@@ -3,23 +3,16 @@ stop together when one of them is interrupted."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, free_port, read_metrics, run_cli
 
 COMMON = ["train.steps=4", "train.log_every=1", "train.eval_every=1000", "checkpoint.every=1000"]
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_two(*args) -> list[subprocess.Popen]:
