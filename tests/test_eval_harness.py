@@ -271,11 +271,15 @@ def test_continuation_loglikelihoods_equal_the_full_forward():
     pairs += [(question, [letter]) for letter in (10, 11, 12, 13, 14)]
     pairs += [(question, [7, 8, last]) for last in (1, 2, 3)] + [(question[:-1], [question[-1]])]
 
-    def full(context, continuation):
+    def full(context, continuation, vocab=96):
         ids = (context + continuation)[-(cfg.max_position_embeddings + 1):]
-        logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]]))[0], axis=-1)
+        logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]]))[0][:, :vocab], axis=-1)
         k = len(continuation)
         return float(sum(logp[len(ids) - 1 - k + j, ids[len(ids) - k + j]] for j in range(k)))
 
     got = LikelihoodScorer(cfg, params, batch=4).score(pairs)
     np.testing.assert_allclose(got, [full(*p) for p in pairs], rtol=1e-5, atol=1e-5)
+    # A model vocabulary padded past the tokenizer's: the padding ids get no probability.
+    pairs = [(c, k) for c, k in pairs if max(c + k) < 90]
+    got = LikelihoodScorer(cfg, params, batch=4, vocab_limit=90).score(pairs)
+    np.testing.assert_allclose(got, [full(*p, vocab=90) for p in pairs], rtol=1e-5, atol=1e-5)

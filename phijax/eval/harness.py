@@ -67,7 +67,8 @@ class Model:
     def scorer(self):
         if self._scorer is None:
             from phijax.eval.loglik import LikelihoodScorer
-            self._scorer = LikelihoodScorer(self.cfg.model, self.params, self.batch)
+            self._scorer = LikelihoodScorer(self.cfg.model, self.params, self.batch,
+                                            vocab_limit=self.tokenizer.vocab_size)
         return self._scorer
 
 

@@ -6,8 +6,9 @@ a continuation token: a multiple-choice row is mostly context, and over a 32k vo
 head is a large share of a token's work. Rows are sorted by length and padded to a multiple of
 32 tokens (continuations to a multiple of 8), so the choices of one question usually share a
 batch and few shapes compile; choices that differ only in their last token (" A" ... " D") share
-one row, their last tokens read off the same log-softmax. A context too long for the model loses tokens from its
-start, as lm-eval truncates.
+one row, their last tokens read off the same log-softmax. Ids from `vocab_limit` on (a model
+vocabulary padded past its tokenizer's) get no probability, as in sampling and serving. A
+context too long for the model loses tokens from its start, as lm-eval truncates.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from phijax.config import ModelConfig
-from phijax.decoding import pow2
+from phijax.decoding import limit_vocab, pow2
 from phijax.model import abstract_model
 
 PAD_TO = 32      # row lengths
@@ -47,7 +48,7 @@ def _row(context: list[int], continuations: list[list[int]], length: int, width:
     return row
 
 
-def _continuation_logprobs(graphdef, params, rows):
+def _continuation_logprobs(graphdef, vocab_limit, params, rows):
     """(rows, members): per member the sum over its scored positions of log p(target), the LM
     head run only at the row's scored positions."""
     model = nnx.merge(graphdef, params)
@@ -55,7 +56,7 @@ def _continuation_logprobs(graphdef, params, rows):
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     h = model.hidden_states(rows["tokens"], positions, rows["segment_ids"])
     h = jnp.take_along_axis(h, rows["scored"][..., None], axis=1)  # (b, width, hidden)
-    logp = jax.nn.log_softmax(model.logits(h), axis=-1)            # (b, width, vocab)
+    logp = jax.nn.log_softmax(limit_vocab(model.logits(h), vocab_limit), axis=-1)
     target = jnp.take_along_axis(logp[:, None], rows["targets"][..., None], axis=-1)[..., 0]
     return jnp.sum(target * rows["weights"], axis=-1)
 
@@ -71,12 +72,14 @@ def _groups(pairs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
 
 class LikelihoodScorer:
     """`score(pairs)` for (context ids, continuation ids) pairs, with the model's params (a
-    pure dict, stacked layers, as checkpoints hold them)."""
+    pure dict, stacked layers, as checkpoints hold them); ids from `vocab_limit` on (default:
+    none) are outside the tokenizer's vocabulary and get no probability."""
 
-    def __init__(self, cfg: ModelConfig, params, batch: int = 32):
+    def __init__(self, cfg: ModelConfig, params, batch: int = 32, vocab_limit: int | None = None):
         graphdef = nnx.graphdef(abstract_model(cfg))
+        limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.cfg, self.params, self.batch = cfg, params, batch
-        self._fn = jax.jit(lambda p, rows: _continuation_logprobs(graphdef, p, rows))
+        self._fn = jax.jit(lambda p, rows: _continuation_logprobs(graphdef, limit, p, rows))
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """log p(continuation | context) per pair, in the order given."""
