@@ -2,6 +2,7 @@
 replicated where a mesh axis does not divide a dim."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -13,6 +14,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from phijax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+log = logging.getLogger("phijax")
 
 # Logical name -> mesh axis (or axes). Names not listed are replicated.
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -27,10 +30,34 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def lay_out(shape: tuple[int, ...], devices) -> tuple[np.ndarray, str | None]:
+    """The devices arranged as a mesh of `shape`, and a note when the arrangement is not the
+    best one: a TPU slice's torus takes a shape whose every axis is a product of physical
+    axes (phi-4's 2 x 64 x 2 on v5p-512's 8 x 8 x 4 is not); such a shape is laid out with
+    split physical axes (its collectives cross more links), else in device-id order."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(shape, devices), None
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        reason = str(e).split(". ")[0]
+    name = "x".join(map(str, shape))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return grid, f"mesh {name} splits physical axes of the slice ({reason})"
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(devices).reshape(shape)
+        return grid, f"mesh {name} is laid out in device-id order ({reason})"
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """The training mesh over `devices` (default: all); a shape the slice's torus does not
+    take whole is laid out anyway, with a warning (see `lay_out`)."""
     devices = jax.devices() if devices is None else devices
-    return jax.make_mesh(cfg.shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+    grid, note = lay_out(cfg.shape, devices)
+    if note:
+        log.warning("%s", note)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 class Replicated(NamedTuple):

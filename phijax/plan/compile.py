@@ -83,14 +83,11 @@ def compiler_hbm(devices) -> float | None:
 
 
 def mesh_for(cfg: Config, topo: Topology, devices):
-    """(the training mesh over the topology's devices, a note or None). Its shape must use
-    every device. A shape `phijax.sharding.make_mesh` cannot lay onto the slice's physical
-    torus is planned with split physical axes (else in device-id order), and the note says
-    that training would refuse it as it stands."""
-    import numpy as np
-    from jax.experimental import mesh_utils
+    """(the training mesh over the topology's devices, a note or None): `make_mesh`'s layout,
+    and its note when the shape does not take the slice's torus whole. Its shape must use
+    every device."""
     from jax.sharding import AxisType, Mesh
-    from phijax.sharding import MESH_AXES, make_mesh
+    from phijax.sharding import MESH_AXES, lay_out
 
     try:
         validate(cfg, len(devices))
@@ -99,20 +96,10 @@ def mesh_for(cfg: Config, topo: Topology, devices):
             raise
         raise ConfigError(f"{e} of --topology {topo.name}: set mesh.data, mesh.fsdp and "
                           f"mesh.tensor to multiply to {len(devices)}") from None
-    try:
-        return make_mesh(cfg.mesh, devices), None
-    except (ValueError, NotImplementedError, AssertionError) as e:
-        reason = str(e).split(". ")[0]
-    note = (f"mesh {'x'.join(map(str, cfg.mesh.shape))} has no layout on {topo.name}'s "
-            f"torus ({topo.libtpu_name or 'devices'}) without splitting physical axes: "
-            f"phijax.sharding.make_mesh refuses it ({reason}); planned with split axes")
-    try:
-        grid = mesh_utils.create_device_mesh(cfg.mesh.shape, devices,
-                                             allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid, note = np.array(devices).reshape(cfg.mesh.shape), note.replace(
-            "planned with split axes", "planned in device-id order")
-    log.info("%s", note)
+    grid, note = lay_out(cfg.mesh.shape, devices)
+    if note:
+        note = f"{note} on {topo.name} ({topo.libtpu_name or 'devices'})"
+        log.info("%s", note)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3), note
 
 
