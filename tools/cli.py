@@ -6,6 +6,7 @@
     seeds     seed records from documents and code: chunk | code | dedup
     decontam  n-gram decontamination against eval sets: build | filter
     quality   the non-LLM quality classifier: train | eval | score
+    corpus    organic data: extract, language ID, heuristic filters, dedup (CONFIG [key=value ...])
 
 Commands that take a config (run, pts, judge) read their settings as `key=value` overrides, as
 `phijax train` does.
@@ -277,11 +278,42 @@ def _add_quality(sub) -> None:
         c.add_argument("--label-field", default="score")
 
 
+# ---------------------------------------------------------------- corpus
+
+def _corpus_run(args) -> int:
+    from tools.corpus.config import load_corpus_config
+    from tools.corpus.runner import format_summary, run_corpus
+
+    cfg = load_corpus_config(args.config, args.overrides)
+    if args.check:
+        print(f"ok: {args.config}: steps {', '.join(cfg.steps)}, output {cfg.output}")
+        return 0
+    summary = run_corpus(cfg, progress=not args.no_progress)
+    print(format_summary(summary), file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_corpus(sub) -> None:
+    cmds = sub.add_parser("corpus", help="organic data: extract, language ID, heuristic "
+                          "filters, dedup").add_subparsers(dest="cmd", required=True)
+    r = cmds.add_parser("run", help="run or resume a corpus config (reruns skip finished "
+                        "shards)")
+    r.add_argument("config", help="corpus YAML, e.g. configs/corpus/web.yaml")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. inputs=[crawl/] output=out "
+                   "langid.languages=[en] dedup.bands=20")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.set_defaults(fn=_corpus_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phijax-tools", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_pts, _add_judge, _add_seeds, _add_decontam, _add_quality):
+    for add in (_add_run, _add_pts, _add_judge, _add_seeds, _add_decontam, _add_quality,
+                _add_corpus):
         add(sub)
     return p
 

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import ast
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from phijax.errors import ConfigError
 from phijax.files import read_jsonl, read_text_records, write_jsonl
-from phijax.hashing import sha256_hex
+from tools.corpus.dedup import normalise_text  # noqa: F401 - part of this API
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -320,21 +319,6 @@ def forum_questions(jsonl_path, question_field: str = "question",
 
 # ----------------------------------------------------------------------------- dedup
 
-_WORD = re.compile(r"\w+")
-
-
-def normalise_text(text: str) -> str:
-    """NFKC, case-folded, whitespace collapsed: the key for exact duplicates."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def _shingles(text: str, k: int) -> set[bytes]:
-    words = _WORD.findall(normalise_text(text))
-    if len(words) < k:
-        return {" ".join(words).encode()} if words else set()
-    return {" ".join(words[i:i + k]).encode() for i in range(len(words) - k + 1)}
-
-
 @dataclass
 class DedupReport:
     total: int = 0
@@ -348,45 +332,29 @@ class DedupReport:
                 "near_duplicates": self.near_duplicates}
 
 
-def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8,
-          num_perm: int = 128, shingle: int = 5, seed: int = 1,
+def dedup(records: Iterable, text_key: str = "text", threshold: float = 0.8, shingle: int = 5,
+          bands: int = 14, rows: int = 8, seed: int = 1,
           verify: bool = True) -> tuple[list, DedupReport]:
-    """Drop exact and near duplicates, keeping the first occurrence (input order).
+    """Drop exact and near duplicates, keeping the first occurrence (input order), with the
+    corpus dedup's code (`tools.corpus.dedup.find_duplicates`).
 
-    `records` are strings or dicts (text under `text_key`). Exact: SHA-256 of `normalise_text`.
-    Near: MinHash (`num_perm`, `seed`) of word `shingle`-grams of the normalised text, queried
-    against a `MinHashLSH(threshold)` of the records kept so far; with `verify`, a candidate
-    counts only if its estimated Jaccard with a kept record is >= `threshold` (LSH alone has
-    false positives). Deterministic for a given input order and seed. Texts shorter than
-    `shingle` words are one shingle. Returns (kept records, DedupReport); `pairs` lists
-    (dropped index, index of the kept record it duplicates, "exact" | "near")."""
-    from datasketch import MinHash, MinHashLSH
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    exact: dict[str, int] = {}
-    hashes: dict[str, MinHash] = {}
-    kept, report = [], DedupReport()
-    for i, rec in enumerate(records):
-        report.total += 1
-        text = rec if isinstance(rec, str) else rec[text_key]
-        digest = sha256_hex(normalise_text(text))
-        if digest in exact:
-            report.exact_duplicates += 1
-            report.pairs.append((i, exact[digest], "exact"))
-            continue
-        shingles = _shingles(text, shingle)
-        m = MinHash(num_perm=num_perm, seed=seed)
-        m.update_batch(sorted(shingles))
-        hits = sorted(int(k) for k in lsh.query(m)) if shingles else []  # no words: exact only
-        if verify:
-            hits = [h for h in hits if m.jaccard(hashes[str(h)]) >= threshold]
-        if hits:
-            report.near_duplicates += 1
-            report.pairs.append((i, hits[0], "near"))
-            continue
-        exact[digest] = i
-        hashes[str(i)] = m
-        lsh.insert(str(i), m)
-        kept.append(rec)
+    `records` are strings or dicts (text under `text_key`). Exact: the hash of
+    `normalise_text`. Near: MinHash LSH (`bands` x `rows` permutations, `seed`) of word
+    `shingle`-grams, queried against the records kept so far; with `verify`, a candidate counts
+    only if the estimated Jaccard similarity with a kept record is >= `threshold` (LSH alone has
+    false positives). Deterministic for a given input order and seed. Returns (kept records,
+    DedupReport); `pairs` lists (dropped index, index of the kept record it duplicates,
+    "exact" | "near")."""
+    from tools.corpus.dedup import find_duplicates
+    records = list(records)
+    texts = [rec if isinstance(rec, str) else rec[text_key] for rec in records]
+    report = DedupReport(total=len(records))
+    report.pairs = find_duplicates(texts, shingle, bands, rows, seed,
+                                   threshold if verify else None)
+    report.exact_duplicates = sum(kind == "exact" for _, _, kind in report.pairs)
+    report.near_duplicates = len(report.pairs) - report.exact_duplicates
+    dropped = {i for i, _, _ in report.pairs}
+    kept = [rec for i, rec in enumerate(records) if i not in dropped]
     report.kept = len(kept)
     return kept, report
 

@@ -1,60 +1,30 @@
 """Documents from corpus specs, cut into shards that workers read on their own.
 
-A spec is a JSONL file, a text file, a directory (its .jsonl files are read as JSONL, every other
-file as one text document, e.g. a code tree; `glob` narrows which files) or an embedded corpus:
+A spec is a file, a directory (its files, narrowed by `glob`) or an embedded corpus:
   builtin:python-docs    the Python reference topics (`pydoc_data.topics`), one document per topic
   builtin:python-stdlib  the standard library's .py files, one document per file (a code tree)
 
-A JSONL record is a text document (its `text_field`) or a chat (`messages`: role/content dicts,
-rendered with the chat template). Text files keep their path, relative to the directory given,
-as metadata. A shard is a byte range of one JSONL file (cut at line ends, with the line number
-it starts at) or a group of files, so a worker reads it without the others and bad records are
-still named by file:line.
+Files are read by `phijax.data.readers`: JSONL (plain, .gz, .zst), parquet, WARC and any other
+file as one document (a code tree, text, markdown). A JSONL or parquet record is a text document
+(its `text_field`) or a chat (`messages`: role/content dicts, rendered with the chat template).
+Text files keep their path, relative to the directory given, as metadata. An HTML page (a file
+or a WARC response) is read as its text, in the charset its server declared or else UTF-8; a PDF
+is skipped (`phijax-tools corpus run` extracts both). Bad records are skipped and counted, named
+by file:line, file#row or file@offset.
 """
 from __future__ import annotations
 
-import json
-import os
 import sysconfig
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from phijax.data.readers import Record, Shard, Skipped, list_files, plan_files
+from phijax.data.readers import read_shard as read_records
 from phijax.data.tokenizer import chat_error, render_chat
 from phijax.errors import ConfigError
 
 BUILTINS = ("builtin:python-docs", "builtin:python-stdlib")
-
-
-@dataclass
-class Skipped:
-    """Counts of skipped records by reason, and the first few named by file:line."""
-    counts: dict = field(default_factory=dict)
-    examples: list = field(default_factory=list)
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{where}: {reason}")
-
-    def merge(self, other: dict) -> None:
-        for reason, n in other["counts"].items():
-            self.counts[reason] = self.counts.get(reason, 0) + n
-        self.examples = (self.examples + other["examples"])[:5]
-
-
-@dataclass(frozen=True)
-class Shard:
-    kind: str  # "jsonl" | "files" | "topics"
-    paths: tuple = ()  # jsonl: one file; files: the files
-    root: str = ""  # files: metadata paths are relative to it
-    start: int = 0  # jsonl: byte range [start, stop); topics: index range
-    stop: int = 0
-    line: int = 1  # jsonl: line number at `start`
-    size: int = 0  # bytes, for progress
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -80,55 +50,17 @@ def _topics() -> dict:
     return topics
 
 
-def _jsonl_shards(path: Path, shard_bytes: int) -> list[Shard]:
-    size = path.stat().st_size
-    shards, start, line = [], 0, 1
-    with open(path, "rb") as f:
-        while start < size:
-            f.seek(min(start + shard_bytes, size))
-            if f.tell() < size:
-                f.readline()  # cut at the end of a line
-            stop = f.tell()
-            f.seek(start)
-            lines, left = 0, stop - start
-            while left:
-                block = f.read(min(left, 1 << 24))
-                lines, left = lines + block.count(b"\n"), left - len(block)
-            shards.append(Shard("jsonl", (str(path),), start=start, stop=stop, line=line,
-                                size=stop - start))
-            start, line = stop, line + lines
-    return shards
-
-
-def _file_shards(files: list[Path], root: Path, shard_bytes: int) -> list[Shard]:
-    shards, group, size = [], [], 0
-    for file in files:
-        group.append(str(file))
-        size += file.stat().st_size
-        if size >= shard_bytes:
-            shards.append(Shard("files", tuple(group), root=str(root), size=size))
-            group, size = [], 0
-    if group:
-        shards.append(Shard("files", tuple(group), root=str(root), size=size))
-    return shards
-
-
-def _files(path: Path, glob: str | None) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.glob(glob or "**/*") if p.is_file())
-    return [path]
-
-
 def default_shard_bytes(specs: list[str], glob: str | None) -> int:
     """About 64 shards per corpus (so the last ones keep every worker busy), 256 KB to 64 MB."""
     total = sum(f.stat().st_size for s in specs if not s.startswith("builtin:")
-                for f in _files(Path(s), glob))
+                for f in list_files(Path(s), glob))
     return int(min(max(total // 64, 256 << 10), 64 << 20))
 
 
-def plan_shards(specs: list[str], glob: str | None = None,
-                shard_bytes: int | None = None) -> list[Shard]:
-    """The shards of `specs`, in a fixed order (so a rerun plans the same shards)."""
+def plan_shards(specs: list[str], glob: str | None = None, shard_bytes: int | None = None,
+                skipped: Skipped | None = None) -> list[Shard]:
+    """The shards of `specs`, in a fixed order (so a rerun plans the same shards); a file that
+    cannot be opened is counted in `skipped`."""
     check_specs(specs)
     shard_bytes = shard_bytes or default_shard_bytes(specs, glob)
     shards = []
@@ -143,33 +75,30 @@ def plan_shards(specs: list[str], glob: str | None = None,
             continue
         if spec == "builtin:python-stdlib":
             root = Path(sysconfig.get_paths()["stdlib"])
-            shards += _file_shards(sorted(root.glob(glob or "*.py")), root, shard_bytes)
+            shards += plan_files(root, glob or "*.py", shard_bytes)
             continue
-        path = Path(spec)
-        files, root = _files(path, glob), (path if path.is_dir() else path.parent)
-        shards += [s for f in files if f.suffix == ".jsonl" for s in _jsonl_shards(f, shard_bytes)]
-        shards += _file_shards([f for f in files if f.suffix != ".jsonl"], root, shard_bytes)
+        shards += plan_files(spec, glob, shard_bytes, skipped)
     return shards
 
 
-def _record(raw: bytes, text_field: str, where: str, skipped: Skipped) -> Document | None:
+def _document(record: Record, path: str | None, skipped: Skipped) -> Document | None:
+    if record.text is not None:
+        return Document(text=record.text, path=path)
+    if record.raw is None:  # a chat
+        error = chat_error(record.metadata["messages"])
+        return skipped.add(error, record.id) if error else \
+            Document(messages=record.metadata["messages"])
+    if not record.content_type.startswith("text/"):
+        return skipped.add(f"{record.content_type} needs extraction (phijax-tools corpus run)",
+                           record.id)
     try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return skipped.add("invalid UTF-8", where)
-    except json.JSONDecodeError:
-        return skipped.add("invalid JSON", where)
-    if not isinstance(record, dict) or (text_field not in record and "messages" not in record):
-        return skipped.add(f"missing field {text_field!r}", where)
-    if text_field not in record:
-        error = chat_error(record["messages"])
-        return skipped.add(error, where) if error else Document(messages=record["messages"])
-    text = record[text_field]
-    if not isinstance(text, str):
-        return skipped.add(f"field {text_field!r} is not a string", where)
+        text = record.raw.decode(record.metadata.get("charset") or "utf-8")
+    except (UnicodeDecodeError, LookupError):
+        return skipped.add("invalid UTF-8" if not record.metadata.get("charset")
+                           else f"not valid {record.metadata['charset']}", record.id)
     if not text.strip():
-        return skipped.add("empty text", where)
-    return Document(text=text)
+        return skipped.add("empty text", record.id)
+    return Document(text=text, path=path)
 
 
 def read_shard(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Document]:
@@ -177,29 +106,12 @@ def read_shard(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Docu
         topics = _topics()
         for key in sorted(topics)[shard.start:shard.stop]:
             yield Document(text=topics[key])
-    elif shard.kind == "jsonl":
-        path = shard.paths[0]
-        with open(path, "rb") as f:
-            f.seek(shard.start)
-            lineno, pos = shard.line, shard.start
-            while pos < shard.stop:
-                raw = f.readline()
-                pos += len(raw)
-                doc = None if not raw.strip() else _record(raw, text_field, f"{path}:{lineno}", skipped)
-                lineno += 1
-                if doc is not None:
-                    yield doc
-    else:
-        for file in shard.paths:
-            try:
-                text = Path(file).read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                skipped.add("invalid UTF-8", file)
-                continue
-            if text.strip():
-                yield Document(text=text, path=os.path.relpath(file, shard.root))
-            else:
-                skipped.add("empty text", file)
+        return
+    for record in read_records(shard, text_field, skipped):
+        doc = _document(record, record.metadata["path"] if shard.kind == "files" else None,
+                        skipped)
+        if doc is not None:
+            yield doc
 
 
 def documents(specs: list[str], text_field: str = "text", skipped: Skipped | None = None,

@@ -1,0 +1,1 @@
+"""Organic data: extraction, language identification, heuristic filters, deduplication, run over phijax.data.readers."""
