@@ -26,6 +26,7 @@ from flax import nnx
 
 from phijax.config import ModelConfig
 from phijax.sharding import shard_rows
+from phijax.splash import splash_attention, uses_splash
 
 # Shardings are applied at the jit boundary, not when a Variable is created, in every thread
 # (sampling also runs in server and judge worker threads).
@@ -139,7 +140,8 @@ class Attention(nnx.Module):
         return jnp.einsum("tkhd,khde->te", out, self.o[...].astype(out.dtype))
 
     def __call__(self, x, rope_cs, mask):
-        """x: (tokens, embed), tokens = b * s flattened; mask: (b, 1, 1, s, s)."""
+        """x: (tokens, embed), tokens = b * s flattened; mask: (b, 1, 1, s, s), or where
+        `uses_splash` the segment ids (b, s) (the kernel builds its mask from them)."""
         cfg = self.cfg
         dt = x.dtype
         b, s = mask.shape[0], mask.shape[-1]
@@ -149,6 +151,9 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(
                 q.reshape(b, s, kv * g, d), k, v, mask=mask[:, 0], implementation="cudnn")
             out = out.reshape(b, s, kv, g, d)
+        elif uses_splash(cfg):
+            q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
+            out = splash_attention(q, k, v, mask, interpret=cfg.splash_interpret)
         else:
             q = q * jnp.asarray(cfg.dim_per_head ** -0.5, dt)
             out = causal_attention(q, k, v, mask, query_blocks(s))
@@ -258,7 +263,7 @@ class Phi(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, s), jnp.int32)
-        mask = attention_mask(segment_ids)
+        mask = segment_ids if uses_splash(cfg) else attention_mask(segment_ids)
         rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
         # Blocks work on (b * s, hidden): XLA:CPU runs 2-D matmuls, and their weight gradients,
         # much faster than einsums batched over (b, s).

@@ -1,6 +1,6 @@
-"""`phijax plan`: the train step compiled for a TPU slice on this CPU host (libtpu's compile-only
-devices), or for host CPU devices (`cpu-N`), or estimated for GPUs; memory per device against
-the chip's HBM, FLOPs, collectives, roofline and cost.
+"""`phijax plan`: the train (SFT, DPO, decode) step compiled for a TPU slice on this CPU host
+(libtpu's compile-only devices), or for host CPU devices (`cpu-N`), or estimated for GPUs;
+memory per device against the chip's HBM, FLOPs, collectives, roofline and cost.
 
 Tests marked `tpu_plan` need libtpu (`pip install -e ".[tpu-plan]"`) and are skipped without it;
 the others run everywhere."""
@@ -9,11 +9,9 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, needs_libtpu, run_cli
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(
-    not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu-plan]" (CI runs these)')
 TINY = ROOT / "configs" / "tiny.yaml"
 GiB = 2 ** 30
 
@@ -102,6 +100,26 @@ def test_hlo_collectives_weighted_by_loop_trips():
     assert result["loop_trips"] == [3] and result["loop_factor"] > 1
 
 
+KERNEL_HLO = """HloModule m, entry_computation_layout={()}
+
+ENTRY %main (a: f32[8,128]) -> f32[32,128] {
+  %a = f32[8,128]{1,0} parameter(0)
+  %k = f32[8,128]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="splash_mha_fwd"}
+  ROOT %ag = f32[32,128]{1,0} all-gather(%k), replica_groups=[1,4]<=[4], dimensions={0}
+}
+"""
+
+
+def test_hlo_reads_a_kernel_whose_metadata_spans_lines():
+    from phijax.plan.hlo import analyze
+
+    result = analyze(KERNEL_HLO, {"data": 1, "fsdp": 4, "tensor": 1}, 4)
+    assert result["custom_calls"] == {"tpu_custom_call": 1}
+    assert [r["op"] for r in result["collectives"]] == ["all-gather"]  # the line after it
+
+
 def test_search_candidates():
     from phijax.plan.search import mesh_shapes, microbatch_counts
 
@@ -173,6 +191,64 @@ def test_search_picks_the_fewest_microbatches_that_fit(tmp_path):
     assert "rejected  mesh 1x2x1 remat none microbatches 1: out of memory" in result.stdout
 
 
+def _plans(overrides: tuple, *steps) -> dict:
+    """In this process: each step's plan of the tiny config on 2 host devices."""
+    from phijax.config import load_config
+    from phijax.plan.build import make_plan
+    from phijax.plan.chips import parse_topology
+
+    cfg = load_config(TINY, ["data.synthetic=true", "train.peak_flops_per_device=1e11",
+                             *overrides])
+    return {s: make_plan(cfg, parse_topology("cpu-2"), "tiny", step=s) for s in steps}
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_steps_plan_as_their_commands_build_them():
+    plans = _plans(("mesh.fsdp=2", "train.batch_size=2", "data.seq_len=64"),
+                   "train", "sft", "dpo")
+    train, sft, dpo = (plans[s]["memory"] for s in ("train", "sft", "dpo"))
+    for m in (train, dpo):
+        for key in ("params_bytes", "optimizer_bytes", "argument_bytes", "temporaries_bytes",
+                    "peak_bytes"):
+            assert m[key] > 0, key
+    assert sft == train  # phijax sft trains the LM step (assistant tokens by loss weights)
+    # DPO's step holds the policy alone, its batch a chosen and a rejected row per pair: the
+    # reference model's log-probs are computed before training, in a pass of their own
+    assert (dpo["params_bytes"], dpo["optimizer_bytes"]) == (train["params_bytes"],
+                                                             train["optimizer_bytes"])
+    tokens = {s: plans[s]["model"]["tokens_per_step"] for s in plans}
+    assert tokens["dpo"] == 2 * tokens["train"]
+    assert dpo["temporaries_bytes"] > train["temporaries_bytes"]
+    reference = plans["dpo"]["before"]["DPO reference pass"]
+    assert reference["params_bytes"] == train["params_bytes"]
+    assert reference["params_bytes"] < reference["peak_bytes"] < dpo["peak_bytes"]
+    assert plans["dpo"]["step"] == "dpo" and plans["sft"]["train"]["seq_len"] == 64
+
+
+def test_decode_step_plans_its_kv_cache_and_roofline(tmp_path):
+    result, plan = _plan(tmp_path, "cpu-2", "mesh.fsdp=2", "--step", "decode", "--batch", "8",
+                         "--cache-len", "256")
+    m, c, r = plan["memory"], plan["compute"], plan["roofline"]
+    # 2 layers x (keys, values) x 8 rows x 2 KV heads x head_dim 32 x 256 slots x float32,
+    # rows split over the 2 devices
+    assert m["kv_cache_bytes"] == 2 * 2 * 8 * 2 * 32 * 256 * 4 / 2
+    assert m["params_bytes"] > 0 and m["peak_bytes"] > m["params_bytes"] + m["kv_cache_bytes"]
+    assert "optimizer_bytes" not in m and m["alias_bytes"] == m["kv_cache_bytes"]  # donated
+    assert c["hbm_bytes_per_device"] == m["params_bytes"] + m["kv_cache_bytes"]
+    assert c["attention_flops_per_device"] == 4 * 2 * 4 * 32 * 256 * 8 / 2
+    assert c["matmul_flops_per_device"] > 0
+    assert plan["decode"] == {"batch": 8, "cache_len": 256, "dtype": "float32"}
+    assert r["tokens_per_s"] == pytest.approx(8 / r["step_s"])
+    assert "KV cache" in result.stdout and "(decode step)" in result.stdout
+
+
+def test_decode_flags_on_a_training_step_are_one_line(tmp_path):
+    result, _ = _plan(tmp_path, "cpu-2", "mesh.fsdp=2", "--cache-len", "256", check=False)
+    assert _error_line(result) == ("phijax: error: --cache-len sizes the decode step (--step "
+                                   "decode); training steps take train.batch_size and "
+                                   "data.seq_len")
+
+
 # ---------------------------------------------------------------- TPU slices through libtpu
 
 @pytest.mark.tpu_plan
@@ -193,6 +269,23 @@ def test_tiny_compiles_for_a_tpu_slice(tmp_path, topology, mesh, hbm_gib):
     r = plan["roofline"]
     assert r["step_s"] > 0 and 0 < r["mfu"] < 1 and plan["cost"]["chip_days"] > 0
     assert "compiling the train step for " + topology in result.stderr
+    assert "tpu_custom_call" not in plan["compute"]["custom_calls"]  # XLA attention: no kernel
+
+
+@pytest.mark.tpu_plan
+@needs_libtpu
+def test_decode_step_compiles_for_a_tpu_slice(tmp_path):
+    # rows split over 4 devices, the weights whole on each: HBM-bound, no collectives
+    result, plan = _plan(tmp_path, "v5p-8", "mesh.data=4", "--step", "decode", "--batch", "16",
+                         "--cache-len", "1024")
+    m, r = plan["memory"], plan["roofline"]
+    assert m["kv_cache_bytes"] == 2 * 2 * 16 * 2 * 32 * 1024 * 4 / 4
+    assert m["hbm_bytes"] / GiB == pytest.approx(95.74, abs=0.01) and 0.9 < m["headroom"] < 1
+    assert m["peak_bytes"] >= m["params_bytes"] + m["kv_cache_bytes"]
+    assert r["bound"] == "hbm"
+    assert r["hbm_s"] == pytest.approx((m["params_bytes"] + m["kv_cache_bytes"]) / 2765e9)
+    assert r["tokens_per_s"] == pytest.approx(16 / r["step_s"])
+    assert "compiling a decode step for v5p-8" in result.stderr
 
 
 @pytest.mark.tpu_plan

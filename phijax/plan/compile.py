@@ -1,9 +1,10 @@
-"""The train step of a config, traced and compiled for a topology's devices without running it.
+"""A config's programs compiled for a topology's devices without running them.
 
-The step is the one training runs: `phijax.train.step.build_trainer` on a mesh of the
-topology's devices, lowered with abstract (shape, dtype, sharding) arguments. A TPU slice's
-devices come from libtpu as compile-only devices (`jax.experimental.topologies`), so a CPU host
-compiles for any slice; `cpu-N` uses N host devices.
+The programs are the ones the commands run (`phijax.plan.programs`: the train, SFT and DPO
+steps, a decode step), on a mesh of the topology's devices, lowered with abstract (shape,
+dtype, sharding) arguments. A TPU slice's devices come from libtpu as compile-only devices
+(`jax.experimental.topologies`), so a CPU host compiles for any slice; `cpu-N` uses N host
+devices.
 """
 from __future__ import annotations
 
@@ -103,33 +104,13 @@ def mesh_for(cfg: Config, topo: Topology, devices):
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3), note
 
 
-def abstract_batch(cfg: Config, trainer) -> dict:
-    """The LM batch of `phijax train`: (batch_size, seq_len) per key, as shapes."""
-    import jax
-    import jax.numpy as jnp
-
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
-                                    sharding=s) for k, s in trainer.batch_shardings.items()}
-
-
-def trace_step(cfg: Config, mesh):
-    """(trainer, traced train step) for `cfg` on `mesh`: the step `phijax train` compiles."""
-    import jax
-    from phijax.train.step import build_trainer
-
-    trainer = build_trainer(cfg, mesh)
-    with jax.set_mesh(mesh):
-        traced = trainer.train_step.trace(trainer.abstract_state, abstract_batch(cfg, trainer))
-    return trainer, traced
-
-
-def compile_step(traced, mesh, label: str, what: str):
-    """Lower and compile; an out-of-memory compile becomes `DoesNotFit` naming both sizes."""
+def compile_step(traced, mesh, label: str, what: str, program: str = "the train step"):
+    """Lower and compile a traced program (`phijax.plan.programs`); an out-of-memory compile
+    becomes `DoesNotFit` naming both sizes."""
     import jax
 
     start = time.perf_counter()
-    log.info("compiling the train step for %s (%d devices)...", label, mesh.devices.size)
+    log.info("compiling %s for %s (%d devices)...", program, label, mesh.devices.size)
     try:
         with jax.set_mesh(mesh):
             compiled = traced.lower().compile()
@@ -169,8 +150,9 @@ def _subjaxprs(value):
 
 def matmul_flops(jaxpr) -> float:
     """FLOPs of every dot_general in a jaxpr (global, not per device): a scan's body times its
-    length, a cond's costliest branch, a while body once; rematerialised forwards are in the
-    backward pass's jaxpr and so counted."""
+    length, a cond's costliest branch, a while body once, a Pallas kernel's body times its grid
+    (every block, those its mask skips too); rematerialised forwards are in the backward
+    pass's jaxpr and so counted."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -178,6 +160,9 @@ def matmul_flops(jaxpr) -> float:
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+            continue
+        if name == "pallas_call":
+            total += matmul_flops(eqn.params["jaxpr"]) * math.prod(eqn.params["grid_mapping"].grid)
             continue
         if name == "cond":
             total += max(matmul_flops(j) for j in _subjaxprs(eqn.params["branches"]))

@@ -1,5 +1,6 @@
 """What a compiled program does per step, read from its optimized HLO text: the collectives
-(with their bytes and the mesh axes they run over) and an estimate of the HBM traffic.
+(with their bytes and the mesh axes they run over), its custom calls (kernels) and an estimate
+of the HBM traffic.
 
 XLA's own `cost_analysis()` counts the body of a loop once; the train step runs its layers
 under `lax.scan` (and microbatches under another), so here every computation is weighted by
@@ -82,11 +83,32 @@ def _instruction(line: str) -> tuple[Instr, bool] | None:
     return Instr(m.group(2), shape, op.group(1), operands, rest[close + 1:], args), bool(m.group(1))
 
 
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _lines(text: str):
+    """The lines of HLO text, an instruction whose attributes span several lines (a Pallas
+    kernel's metadata) joined into one."""
+    pending, depth = "", 0
+    for line in text.splitlines():
+        if not pending and (not line or not line[0].isspace()):
+            yield line  # a computation's header or its closing brace
+            continue
+        pending = f"{pending} {line}" if pending else line
+        bare = STRING.sub("", line) if '"' in line else line
+        depth += bare.count("{") - bare.count("}")
+        if depth <= 0:
+            yield pending
+            pending, depth = "", 0
+    if pending:
+        yield pending
+
+
 def parse_module(text: str) -> tuple[dict[str, Computation], str]:
     """Computations by name, and the entry computation's name."""
     comps: dict[str, Computation] = {}
     entry, current = "", None
-    for line in text.splitlines():
+    for line in _lines(text):
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
             m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)", line)
             if m and m.group(2) != "HloModule":
@@ -224,6 +246,18 @@ def collectives(comps, mult, mesh_shape: dict[str, int], devices: int) -> list[d
     return sorted(rows.values(), key=lambda r: -r["wire_bytes"])
 
 
+def custom_calls(comps, mult) -> dict[str, float]:
+    """Executions per step of each custom-call target (e.g. `tpu_custom_call`: a Pallas
+    kernel such as splash attention)."""
+    counts: dict[str, float] = defaultdict(float)
+    for name, comp in comps.items():
+        for ins in comp.instrs:
+            target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
+            if ins.opcode == "custom-call" and target and mult.get(name, 0):
+                counts[target.group(1)] += mult[name]
+    return dict(counts)
+
+
 def _param_reads(fused: Computation) -> dict[int, float | None]:
     """Per fused parameter: the bytes actually read when every use is a dynamic-slice (or the
     in-place buffer of a dynamic-update-slice: 0); None where the whole operand is read."""
@@ -297,6 +331,7 @@ def analyze(text: str, mesh_shape: dict[str, int], devices: int) -> dict:
     once, _, _ = weights(comps, entry, once=True)
     per_step, per_pass = hbm_bytes(comps, mult, control), hbm_bytes(comps, once, control)
     return {"collectives": collectives(comps, mult, mesh_shape, devices),
+            "custom_calls": custom_calls(comps, mult),
             "loop_factor": per_step / per_pass if per_pass else 1.0,
             "loops_of_unknown_length": unknown,
             "loop_trips": sorted({int(mult[n]) for n in control if mult.get(n, 0) > 1})}

@@ -4,7 +4,9 @@ Roofline: a step takes at least the longest of its matmul FLOPs over the chip's 
 traffic over the HBM bandwidth, and the bytes each device sends in collectives over half the
 chip's bidirectional ICI bandwidth (ring algorithms; the three overlapping perfectly). The MFU
 ceiling is the model's FLOPs (6N + attention per token, `phijax.train.metrics`) over that time
-at peak.
+at peak. A decode step's HBM term is its parameters and KV cache, each read once a step (decoding
+is bound by HBM bandwidth), its compute term adds the attention over the cache to its matmuls,
+and its tokens/s is its rows over the step time.
 """
 from __future__ import annotations
 
@@ -16,17 +18,18 @@ from phijax.plan.chips import Topology
 DAY = 86400.0
 
 
-def state_bytes(abstract_state) -> dict[str, float]:
-    """Bytes per device of each part of the train state, from its shardings."""
+def per_device_bytes(tree) -> float:
+    """Bytes one device holds of a tree of abstract arrays, from their shardings."""
     import jax
     import numpy as np
 
-    def per_device(tree) -> float:
-        return float(sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-                         for a in jax.tree.leaves(tree)))
+    return float(sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+                     for a in jax.tree.leaves(tree)))
 
-    return {"params_bytes": per_device(abstract_state["params"]),
-            "optimizer_bytes": per_device(abstract_state["opt_state"])}
+
+def state_bytes(state: dict) -> dict[str, float]:
+    """Bytes per device of each part a program holds (params, optimizer, kv_cache)."""
+    return {f"{name}_bytes": per_device_bytes(tree) for name, tree in state.items()}
 
 
 def memory_fields(compiled) -> dict[str, float]:
@@ -45,11 +48,9 @@ def memory_fields(compiled) -> dict[str, float]:
     return out
 
 
-def model_fields(cfg: Config, topo: Topology) -> dict:
-    from phijax.train.metrics import flops_per_token, param_counts
+def model_fields(cfg: Config, topo: Topology, tokens: int, per_token: float) -> dict:
+    from phijax.train.metrics import param_counts
 
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     return {"parameters": param_counts(cfg.model)["total"], "flops_per_token": per_token,
             "tokens_per_step": tokens, "model_flops_per_device": per_token * tokens / topo.devices}
 
@@ -58,7 +59,8 @@ def roofline(topo: Topology, model: dict, compute: dict, wire_bytes: float | Non
     chip = topo.chip
     if not chip.peak_flops:
         return {}
-    times = {"compute_s": compute["matmul_flops_per_device"] / chip.peak_flops}
+    flops = compute["matmul_flops_per_device"] + compute.get("attention_flops_per_device", 0.0)
+    times = {"compute_s": flops / chip.peak_flops}
     if compute.get("hbm_bytes_per_device") is not None and chip.hbm_bandwidth:
         times["hbm_s"] = compute["hbm_bytes_per_device"] / chip.hbm_bandwidth
     if wire_bytes is not None and chip.ici_bandwidth:
@@ -96,17 +98,22 @@ def _seconds(s: float) -> str:
 
 def _memory_lines(plan: dict) -> list[str]:
     m = plan["memory"]
-    lines = ["memory per device",
-             f"  parameters         {_gib(m['params_bytes']):>12}",
-             f"  optimizer state    {_gib(m['optimizer_bytes']):>12}"]
+    lines = ["memory per device", f"  parameters         {_gib(m['params_bytes']):>12}"]
+    if "optimizer_bytes" in m:
+        lines.append(f"  optimizer state    {_gib(m['optimizer_bytes']):>12}")
+    if "kv_cache_bytes" in m:
+        d = plan["decode"]
+        lines.append(f"  KV cache           {_gib(m['kv_cache_bytes']):>12}  ({d['batch']:,} rows "
+                     f"x {d['cache_len']:,} slots, {d['dtype']})")
     if "temporaries_bytes" not in m:
         return lines + ["  activations        not estimated (analytic estimate: no GPU compile "
                         "on a CPU host)"]
-    lines += [f"  arguments          {_gib(m['argument_bytes']):>12}  (train state + batch)",
+    held = "parameters + KV cache + rows" if "kv_cache_bytes" in m else "train state + batch"
+    lines += [f"  arguments          {_gib(m['argument_bytes']):>12}  ({held})",
               f"  outputs            {_gib(m['output_bytes']):>12}  "
               f"({_gib(m['alias_bytes'])} of them in donated buffers)",
               f"  temporaries        {_gib(m['temporaries_bytes']):>12}  "
-              f"(activations, gradients, workspace)",
+              f"(activations, {'' if 'kv_cache_bytes' in m else 'gradients, '}workspace)",
               f"  generated code     {_gib(m['generated_code_bytes']):>12}"]
     if m.get("hbm_bytes"):
         lines.append(f"  peak               {_gib(m['peak_bytes']):>12}  of {_gib(m['hbm_bytes'])}"
@@ -114,23 +121,39 @@ def _memory_lines(plan: dict) -> list[str]:
                      f"{100 * m['headroom']:.1f}% headroom")
     else:
         lines.append(f"  peak               {_gib(m['peak_bytes']):>12}")
+    for name, before in plan.get("before", {}).items():
+        lines.append(f"  before training    {_gib(before['peak_bytes']):>12}  peak of the {name}, "
+                     f"run once ({_gib(before['params_bytes'])} of it parameters)")
     return lines
 
 
 def _compute_lines(plan: dict) -> list[str]:
     c, model = plan["compute"], plan["model"]
+    decode = "decode" in plan
     lines = ["compute per step, per device",
-             f"  matmul FLOPs       {_si(c['matmul_flops_per_device'], 'FLOP'):>12}  (the step's "
-             f"jaxpr: every layer, microbatch and rematerialised forward)",
-             f"  model FLOPs        {_si(model['model_flops_per_device'], 'FLOP'):>12}  "
-             f"({_si(model['flops_per_token'], 'FLOP')} per token x "
-             f"{model['tokens_per_step']:,} tokens / {plan['devices']} devices)"]
+             f"  matmul FLOPs       {_si(c['matmul_flops_per_device'], 'FLOP'):>12}  " +
+             ("(one step of the decode loop's jaxpr: projections and LM head)" if decode else
+              "(the step's jaxpr: every layer, microbatch and rematerialised forward)")]
+    if c.get("attention_flops_per_device"):
+        lines.append(f"  attention FLOPs    {_si(c['attention_flops_per_device'], 'FLOP'):>12}  "
+                     f"(scores and values over the {plan['decode']['cache_len']:,}-slot cache)")
+    lines.append(f"  model FLOPs        {_si(model['model_flops_per_device'], 'FLOP'):>12}  "
+                 f"({_si(model['flops_per_token'], 'FLOP')} per token x "
+                 f"{model['tokens_per_step']:,} tokens / {plan['devices']} devices)")
     if "xla_flops" in c:
         lines.append(f"  XLA cost analysis  {_si(c['xla_flops'], 'FLOP'):>12}, "
                      f"{_si(c['xla_bytes_accessed'], 'B')} accessed (each loop body once)")
-    if c.get("hbm_bytes_per_device") is not None:
+    if decode:
+        m = plan["memory"]
+        lines.append(f"  HBM reads          {_si(c['hbm_bytes_per_device'], 'B'):>12}  (parameters "
+                     f"{_gib(m['params_bytes'])} + KV cache {_gib(m['kv_cache_bytes'])}, each "
+                     f"read once a step)")
+    elif c.get("hbm_bytes_per_device") is not None:
         lines.append(f"  HBM traffic        {_si(c['hbm_bytes_per_device'], 'B'):>12}  (XLA's bytes "
                      f"accessed x {c['loop_factor']:.2f} for the loops' trips)")
+    if kernels := c.get("custom_calls", {}).get("tpu_custom_call"):
+        lines.append(f"  Pallas kernels     {kernels:>12,.0f}  calls (tpu_custom_call: not in XLA's "
+                     f"cost analysis)")
     return lines
 
 
@@ -164,7 +187,8 @@ def _roofline_lines(plan: dict) -> list[str]:
 
 def format_plan(plan: dict) -> str:
     mesh = plan["mesh"]
-    head = (f"{plan['config']} on {plan['topology']}: {plan['chip']}, {plan['devices']} devices"
+    head = (f"{plan['config']} ({plan['step']} step) on {plan['topology']}: {plan['chip']}, "
+            f"{plan['devices']} devices"
             + (f" ({plan['libtpu_topology']})" if plan.get("libtpu_topology") else "")
             + f", mesh data {mesh['data']} x fsdp {mesh['fsdp']} x tensor {mesh['tensor']}")
     model = plan["model"]

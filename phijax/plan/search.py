@@ -71,14 +71,15 @@ def _label(mesh, remat: str, micro: int) -> str:
     return f"mesh {'x'.join(map(str, mesh))} remat {remat} microbatches {micro}"
 
 
-def _try(cfg: Config, topo: Topology, what: str, headroom: float, hbm, tokens, devices):
+def _try(cfg: Config, topo: Topology, what: str, headroom: float, hbm, tokens, devices,
+         step: str):
     """(plan or None, why not)."""
     try:
         validate(cfg, topo.devices)
     except ConfigError as e:
         return None, f"shape: {e}"
     try:
-        plan = make_plan(cfg, topo, what, hbm=hbm, tokens=tokens, devices=devices)
+        plan = make_plan(cfg, topo, what, step=step, hbm=hbm, tokens=tokens, devices=devices)
     except DoesNotFit as e:
         return None, "out of memory: " + str(e).split(": ", 1)[-1]
     m = plan["memory"]
@@ -90,14 +91,15 @@ def _try(cfg: Config, topo: Topology, what: str, headroom: float, hbm, tokens, d
 
 
 def search(cfg: Config, topo: Topology, what: str, axes: tuple[str, ...], *, headroom: float,
-           hbm: Optional[float], tokens: Optional[float], devices,
+           hbm: Optional[float], tokens: Optional[float], devices, step: str = "train",
            say: Callable[[str], None] = print) -> dict:
-    """The fitting candidate with the shortest roofline step; its plan gets `search` rows."""
+    """The fitting candidate with the shortest roofline step (of `step`: train, sft or dpo);
+    its plan gets `search` rows."""
     rows, best = [], None
     for mesh, remat, micros in candidates(cfg, topo, axes):
         for micro in micros:
             plan, why = _try(variant(cfg, mesh, remat, micro), topo, what, headroom, hbm,
-                             tokens, devices)
+                             tokens, devices, step)
             row = {"mesh": list(mesh), "remat": remat, "microbatches": micro}
             if plan is None:
                 rows.append({**row, "rejected": why})

@@ -52,6 +52,9 @@ from phijax.train.step import BATCH_KEYS, sequence_logprobs
 
 log = logging.getLogger("phijax")
 FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# A batch of pairs: the LM keys (pairs, 2, seq_len), chosen row then rejected row; the
+# reference log-probs (pairs, 2); each pair's weight (pairs,).
+BATCH_DIMS = {**{k: 3 for k in BATCH_KEYS}, "ref_logps": 2, "weights": 1}
 
 
 # ---------------------------------------------------------------- the loss
@@ -154,6 +157,14 @@ def _stack(pairs: Pairs, indices, seq_len: int, weights=None) -> dict:
 
 # ---------------------------------------------------------------- reference log-probs
 
+def reference_pass(cfg: Config, mesh):
+    """The compiled pass of the reference model: (params, rows) -> per row (b,) the summed
+    log-probs of its completion (rows as in `BATCH_KEYS`, (b, seq_len) each)."""
+    graphdef = nnx.graphdef(abstract_model(cfg.model))
+    return jax.jit(lambda p, b: sequence_logprobs(graphdef, p, b),
+                   out_shardings=batch_sharding(mesh, 1))
+
+
 def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     """(pairs, 2) reference log-probs of chosen and rejected, from PAIRS.ref.npz when it matches
     these pairs and this reference; otherwise computed in one pass and stored there."""
@@ -171,10 +182,8 @@ def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     log.info("reference log-probs: computing for %d pairs with %s step %d", len(pairs),
              reference, step)
     _, params = load_params(reference, mesh, step)
-    graphdef = nnx.graphdef(abstract_model(cfg.model))
     sharding = batch_sharding(mesh, 2)
-    fn = jax.jit(lambda p, b: sequence_logprobs(graphdef, p, b),
-                 out_shardings=batch_sharding(mesh, 1))
+    fn = reference_pass(cfg, mesh)
     b, pc, pi = cfg.train.batch_size, jax.process_count(), jax.process_index()
     out, start = [], time.perf_counter()
     for first in range(0, len(pairs), b):
@@ -268,6 +277,5 @@ def dpo_task(cfg: Config, mesh) -> Task:
         return it, evals, epochs
 
     return Task(data=data, tokens_per_step=2 * t.batch_size * d.seq_len,
-                objective=dpo_objective(cfg.dpo),
-                batch_dims={**{k: 3 for k in BATCH_KEYS}, "ref_logps": 2, "weights": 1},
+                objective=dpo_objective(cfg.dpo), batch_dims=BATCH_DIMS,
                 tokenizer=find_tokenizer(cfg.run.init_from))
