@@ -1,6 +1,7 @@
 """Grain pipeline: fixed-length windows of a token store, shuffled per epoch, batched by step.
 
-Window i covers tokens [i*S, i*S + S + 1): inputs are its first S tokens, targets the last S.
+Window i covers tokens [i*S, i*S + S + 1) of a store (or of a `DocumentSubset`: the store's
+long documents back to back): inputs are its first S tokens, targets the last S.
 Segment ids and positions come from the store's document offsets, so attention can stop at
 document boundaries. Sources are mixed by `BlockMixer`. The batch for a step is a pure function
 of (seed, step), so the data state to checkpoint is just the step.

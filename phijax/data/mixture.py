@@ -27,6 +27,9 @@ class SourceConfig:
     glob: Optional[str] = None  # which files of a corpus directory to read, e.g. "**/*.py"
     store: Optional[str] = None  # or an existing token store directory
     unique_tokens: Optional[float] = None  # for planning without a store (e.g. the paper's counts)
+    # Only the store's documents of at least this many tokens (with their <|endoftext|>): the
+    # long-context sources of mid-training. Windows are drawn from those documents alone.
+    min_doc_tokens: Optional[int] = None
 
 
 @dataclass
@@ -55,6 +58,9 @@ def validate_mixture(cfg: MixtureConfig) -> None:
             raise ConfigError(f"source {s.name}: share must be positive, got {s.share}")
         if s.corpus and s.store:
             raise ConfigError(f"source {s.name}: give either corpus or store, not both")
+        if s.min_doc_tokens is not None and s.min_doc_tokens <= 0:
+            raise ConfigError(f"source {s.name}: min_doc_tokens must be positive, got "
+                              f"{s.min_doc_tokens}")
     total = sum(s.share for s in cfg.sources)
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"mixture shares sum to {total:g}, not 1 "

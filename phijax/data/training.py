@@ -2,11 +2,12 @@
 
 `TrainingData` takes the run's tokenizer, mixture and stores (see prepare.py) and checks every
 source: its store was made with the run's tokenizer and holds no id at or above the model's
-`vocab_size`, it holds at least one window, and its share gets it at least one window in the
-run. Each error is one line naming the source and its store or corpus. It then splits every
-source into training and eval windows (or packed documents), mixes the training ones by share
-with a `BlockMixer`, and evaluates on the sources that have eval windows; a warning names each
-source without any, or says that eval is off and why.
+`vocab_size`, it holds at least one window (in its documents of at least `min_doc_tokens`
+tokens, when the source sets it: windows are drawn from those alone), and its share gets it at
+least one window in the run. Each error is one line naming the source and its store or corpus.
+It then splits every source into training and eval windows (or packed documents), mixes the
+training ones by share with a `BlockMixer`, and evaluates on the sources that have eval windows;
+a warning names each source without any, or says that eval is off and why.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class TrainingData:
         self.what = {s.name: describe(s, bool(d.mixture)) for s in self.sources}
         for source, store in zip(self.sources, stores):
             check_store(self.what[source.name], store, tokenizer, cfg.model.vocab_size)
+        stores = [store.select(s.min_doc_tokens) for s, store in zip(self.sources, stores)]
         if d.packing == "documents":
             make = lambda st, r: PackedDocuments(st, d.seq_len, *r, pad_id=tokenizer.pad_id)
         else:
@@ -94,11 +96,16 @@ class TrainingData:
 
     def _split(self, source: SourceConfig, store: TokenStore) -> dict[str, tuple]:
         d = self.cfg.data
+        what, n = self.what[source.name], source.min_doc_tokens
+        if n and not store.documents:
+            raise DataError(f"{what} has no document of at least {n} tokens (min_doc_tokens)")
         if d.packing == "documents":
             return split_documents(store, d.eval_fraction)
         if len(store) < d.seq_len + 1:
-            raise DataError(f"{self.what[source.name]} has {len(store)} tokens, fewer than one "
-                            f"window (data.seq_len + 1 = {d.seq_len + 1} tokens)")
+            held = f" in its {store.documents} documents of at least {n} tokens " \
+                   f"(min_doc_tokens)" if n else ""
+            raise DataError(f"{what} has {len(store)} tokens{held}, fewer than one window "
+                            f"(data.seq_len + 1 = {d.seq_len + 1} tokens)")
         return split_windows(store, d.seq_len, d.eval_fraction)
 
     def _check_shares(self) -> None:
