@@ -62,11 +62,12 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; DataError naming `file:line` for a line
-    that is not a JSON object."""
-    path = Path(path)
+    that is not a JSON object. `path`: a local path, or a path object with pathlib's methods
+    (`phijax.paths.as_path` of a bucket's URL)."""
+    path = Path(path) if isinstance(path, str) else path
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

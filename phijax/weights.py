@@ -17,21 +17,61 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
+from phijax import paths
 from phijax.config import Config, from_dict, to_dict
 from phijax.errors import ConfigError, DataError
-from phijax.files import atomic_write
 from phijax.model import abstract_model
 from phijax.sharding import named, param_specs
 
 
 def load_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if Path(run_dir).is_file():
+    path = paths.as_path(run_dir) / "config.yaml"
+    if not paths.is_url(run_dir) and Path(run_dir).is_file():
         raise ConfigError(f"checkpoint {run_dir} is a file; give a run directory (config.yaml, "
                           f"checkpoints/)")
-    if not path.is_file():
+    if not paths.exists(path):
         raise ConfigError(f"checkpoint {run_dir}: no config.yaml (give a run directory)")
-    return from_dict(Config, yaml.safe_load(path.read_text()) or {}, "")
+    return from_dict(Config, yaml.safe_load(paths.read_text(path)) or {}, "")
+
+
+def checkpoint_manager(directory: str | Path, **options) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager over `directory`, a local path or a gs:// or s3:// URL, with
+    `options` (CheckpointManagerOptions' fields). Orbax writes gs:// through TensorStore's gcs
+    driver itself; for s3:// the TensorStore specs it builds are pointed at the s3 driver (see
+    `_route_s3_to_tensorstore`) and a step is finalized by a commit file rather than a rename
+    (which a bucket does not have), as Orbax does on GCS."""
+    directory = paths.absolute(directory)
+    if str(directory).startswith("s3://"):
+        _route_s3_to_tensorstore()
+        options.setdefault("atomicity_options", ocp.options.AtomicityOptions(
+            mode=ocp.options.AtomicityMode.COMMIT_FILE))
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options))
+
+
+def _route_s3_to_tensorstore() -> None:
+    """Orbax (0.12) sends only gs:// paths to TensorStore's cloud drivers; an s3:// path would
+    go to the file driver (a local `s3:` folder). Wrap its one spec builder: an s3:// directory
+    gets the spec of the same path on gs://, with each gcs kvstore swapped for the s3 one of
+    `paths.kvstore` (endpoint, region and credentials from the environment)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    build = ts_utils.build_kvstore_tspec
+    if getattr(build, "phijax_s3", False):
+        return
+
+    def swap(spec):
+        if isinstance(spec, dict) and spec.get("driver") == "gcs":
+            return paths.kvstore(f"s3://{spec['bucket']}/{spec['path']}")
+        if isinstance(spec, dict):
+            return {k: swap(v) for k, v in spec.items()}
+        return [swap(v) for v in spec] if isinstance(spec, list) else spec
+
+    def build_with_s3(directory, *args, **kwargs):
+        if str(directory).startswith("s3://"):
+            return swap(build("gs://" + str(directory)[len("s3://"):], *args, **kwargs))
+        return build(directory, *args, **kwargs)
+
+    build_with_s3.phijax_s3 = True
+    ts_utils.build_kvstore_tspec = build_with_s3
 
 
 def abstract_params(cfg: Config, mesh: jax.sharding.Mesh | None = None):
@@ -46,7 +86,8 @@ def abstract_params(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 
 
 def latest_step(run_dir: str | Path) -> int:
-    steps = [int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if p.name.isdigit()]
+    steps = [int(name) for name in paths.listdir(paths.as_path(run_dir) / "checkpoints")
+             if name.isdigit()]
     if not steps:
         raise ConfigError(f"checkpoint {run_dir}: no saved step under checkpoints/")
     return max(steps)
@@ -54,16 +95,15 @@ def latest_step(run_dir: str | Path) -> int:
 
 def load_params(run_dir: str | Path, mesh: jax.sharding.Mesh, step: int | None = None):
     """(config, params) of a run directory's latest (or given) step."""
-    run_dir = Path(run_dir).absolute()
+    run_dir = paths.absolute(run_dir)
     cfg = load_config(run_dir)
     step = latest_step(run_dir) if step is None else step
     target = abstract_params(cfg, mesh)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
     absl = logging.getLogger("absl")
     level, _ = absl.level, absl.setLevel(logging.ERROR)  # "directory is read only": we asked
-    with ocp.CheckpointManager(run_dir / "checkpoints",
-                               options=ocp.CheckpointManagerOptions(
-                                   read_only=True, create=False, save_interval_steps=0)) as manager:
+    with checkpoint_manager(run_dir / "checkpoints", read_only=True, create=False,
+                            save_interval_steps=0) as manager:
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args},
             partial_restore=True)))
@@ -73,10 +113,11 @@ def load_params(run_dir: str | Path, mesh: jax.sharding.Mesh, step: int | None =
 
 def save_params(run_dir: str | Path, cfg: Config, params, step: int = 0) -> Path:
     """Write a run directory holding just `params` at `step` (e.g. converted weights)."""
-    run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
+    run_dir = paths.absolute(run_dir)
+    if not paths.is_url(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    paths.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with checkpoint_manager(run_dir / "checkpoints") as manager:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}),
             data=ocp.args.JsonSave({"step": step})))
@@ -94,7 +135,7 @@ def load_checkpoint(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
     from phijax.data.tokenizer import find_tokenizer, load_tokenizer
     from phijax.sharding import make_mesh
 
-    run_dir = Path(run_dir)
+    run_dir = paths.as_path(run_dir)
     saved = load_config(run_dir)
     found = find_tokenizer(run_dir)
     if found is None and need_tokenizer:

@@ -20,17 +20,17 @@ from pathlib import Path
 
 from phijax.data.chat import (EOS, IM_END, IM_SEP, IM_START, PAD, ROLES, SPECIALS, chat_error,
                               render_chat)
-from phijax.data.tokenizer_base import HF_FILE, SP_FILE, Tokenizer, tokenizer_file
-from phijax.data.tokenizer_hf import CONFIG, SPECIALS_MAP, TEMPLATE_FILES, HFTokenizer, hf_files_at
+from phijax import paths
+from phijax.data.tokenizer_base import HF_FILE, SP_FILE, TOKENIZER_FILES, Tokenizer, tokenizer_file
+from phijax.data.tokenizer_hf import HFTokenizer, hf_files_at
 from phijax.data.tokenizer_sp import SentencePieceTokenizer, padded_vocab_size, train_tokenizer
-from phijax.files import atomic_write
 
 __all__ = ["EOS", "IM_END", "IM_SEP", "IM_START", "PAD", "ROLES", "SPECIALS", "HFTokenizer",
            "SentencePieceTokenizer", "Tokenizer", "chat_error", "find_tokenizer",
            "load_tokenizer", "padded_vocab_size", "render_chat", "save_tokenizer",
            "train_tokenizer"]
 
-RUN_FILES = (SP_FILE, HF_FILE, CONFIG, SPECIALS_MAP, *TEMPLATE_FILES)  # what save_tokenizer owns
+RUN_FILES = TOKENIZER_FILES  # what save_tokenizer owns
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -42,8 +42,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def find_tokenizer(run_dir: str | Path) -> Path | None:
     """The tokenizer file of a run directory (tokenizer.json, else tokenizer.model), or None."""
     for name in (HF_FILE, SP_FILE):
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
+        if paths.exists(paths.as_path(run_dir) / name):
+            return paths.as_path(run_dir) / name
     return None
 
 
@@ -58,14 +58,16 @@ def save_tokenizer(tokenizer_or_path: Tokenizer | str | Path, run_dir: str | Pat
     """Copy a tokenizer's files (a Tokenizer, or a path `load_tokenizer` takes) into
     `run_dir`, each written whole or not at all, and remove another tokenizer's files there;
     returns the file `find_tokenizer(run_dir)` then gives."""
-    run_dir = Path(run_dir)
+    run_dir = paths.as_path(run_dir)
     files = _files(tokenizer_or_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    local = not paths.is_url(run_dir)
+    if local:
+        run_dir.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
         target = run_dir / name
-        if not (target.exists() and target.resolve() == source.resolve()):
-            atomic_write(target, source.read_bytes())
+        if not (local and target.exists() and target.resolve() == source.resolve()):
+            paths.write_bytes(target, source.read_bytes())
     for name in RUN_FILES:
         if name not in files:
-            (run_dir / name).unlink(missing_ok=True)
+            paths.remove(run_dir / name)
     return run_dir / (HF_FILE if HF_FILE in files else SP_FILE)

@@ -16,15 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
+from phijax import paths
 from phijax.data.chat import IM_END, assistant_spans
 from phijax.errors import ConfigError
 
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
+CONFIG, SPECIALS_MAP = "tokenizer_config.json", "special_tokens_map.json"  # beside tokenizer.json
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (SP_FILE, HF_FILE, CONFIG, SPECIALS_MAP, *TEMPLATE_FILES)
 
 
 def tokenizer_file(path: str | Path) -> tuple[str, Path]:
     """(kind, file) of a tokenizer path: a `.json` file or a directory holding tokenizer.json
-    is "hf"; any other file, or a directory holding tokenizer.model, is "sentencepiece"."""
+    is "hf"; any other file, or a directory holding tokenizer.model, is "sentencepiece". A
+    gs:// or s3:// URL is read from a local copy of its tokenizer files."""
+    if paths.is_url(path):
+        if not paths.exists(path):
+            raise ConfigError(f"tokenizer {path} does not exist")
+        path = paths.local_copy(path, TOKENIZER_FILES)
     path = Path(path)
     if path.is_dir():
         for name, kind in ((HF_FILE, "hf"), (SP_FILE, "sentencepiece")):

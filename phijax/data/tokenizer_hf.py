@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from phijax.data.chat import EOS, PAD, PHI4_TEMPLATE, SPECIALS, compile_template, render_phi4
-from phijax.data.tokenizer_base import HF_FILE, Tokenizer, tokenizer_file, tokenizers_library
+from phijax.data.tokenizer_base import (CONFIG, HF_FILE, SPECIALS_MAP, TEMPLATE_FILES, Tokenizer,
+                                        tokenizer_file, tokenizers_library)
 from phijax.errors import DataError
 from phijax.hashing import digest, file_sha256
 
-CONFIG, SPECIALS_MAP = "tokenizer_config.json", "special_tokens_map.json"
-TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

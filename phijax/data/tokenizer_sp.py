@@ -22,11 +22,11 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from phijax import paths
 from phijax.data.chat import EOS, IM_END, PAD, PHI4_TEMPLATE, SPECIALS, render_phi4
 from phijax.data.tokenizer_base import (HF_FILE, SP_FILE, Tokenizer, tokenizer_file,
                                          tokenizers_library)
 from phijax.errors import ConfigError, DataError
-from phijax.files import atomic_write
 from phijax.hashing import file_sha256
 
 Piece = model_pb2.ModelProto.SentencePiece
@@ -60,14 +60,15 @@ def _pad_model(data: bytes, multiple: int) -> bytes:
 def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multiple: int = 128,
                     sample_bytes: int = 20_000_000) -> Path:
     """Train a BPE model of `vocab_size` pieces on (a sample of) `docs`, pad it to a multiple of
-    `multiple`; writes OUT.model and returns its path."""
+    `multiple`; writes OUT.model (OUT may be a gs:// or s3:// URL) and returns its path."""
     if vocab_size < 300:
         raise ConfigError(f"--vocab-size {vocab_size}: needs at least 300 (256 byte pieces, the "
                          f"specials and some merges)")
     if multiple < 1:
         raise ConfigError(f"--multiple {multiple}: must be at least 1")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = paths.as_path(out)
+    if not paths.is_url(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     logging.getLogger("sentencepiece").setLevel(logging.WARNING)
     try:
@@ -82,7 +83,7 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, vocab_size: int, multi
         raise ConfigError(f"tokenizer vocabulary size {vocab_size}: "
                          f"{str(e).split('] ')[-1].strip()}") from None
     path = out.with_suffix(".model")
-    atomic_write(path, _pad_model(model.getvalue(), multiple))
+    paths.write_bytes(path, _pad_model(model.getvalue(), multiple))
     return path
 
 

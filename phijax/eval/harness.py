@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from phijax import paths
 from phijax.config import positive, ranged
 from phijax.errors import ConfigError
 from phijax.eval.accuracy import mean_stderr
@@ -221,6 +222,8 @@ def run_eval(run_dir, cfg: HarnessConfig, out=None) -> dict:
     from phijax.weights import latest_step, load_checkpoint
 
     tasks = load_tasks(cfg)  # every file checked before the (slow) model load
+    if out is not None and paths.is_url(out):
+        paths.check_writable(out, "--out")
     model_cfg, params, tokenizer, mesh = load_checkpoint(run_dir)
     results = evaluate_tasks(Model(model_cfg, params, tokenizer, mesh, cfg.batch), tasks, cfg)
     header = {"checkpoint": str(run_dir), "step": latest_step(run_dir), "config": asdict(cfg)}

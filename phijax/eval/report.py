@@ -14,8 +14,9 @@ import json
 import math
 from pathlib import Path
 
+from phijax import paths
 from phijax.errors import ConfigError
-from phijax.files import atomic_write, read_jsonl, write_jsonl
+from phijax.files import jsonl_line, read_jsonl
 
 # The per-item field behind each metric (for paired differences).
 ITEM_SCORE = {"accuracy": "score", "acc": "score", "acc_norm": "score_norm",
@@ -23,19 +24,20 @@ ITEM_SCORE = {"accuracy": "score", "acc": "score", "acc_norm": "score_norm",
 
 
 def write_results(out: str | Path, results: dict, header: dict) -> Path:
-    out = Path(out)
+    """`out` may be a gs:// or s3:// URL: each file is written whole."""
+    out = paths.as_path(out)
     for task, (_, records) in results.items():
-        write_jsonl(out / "items" / f"{task}.jsonl", records)
+        paths.write_text(out / "items" / f"{task}.jsonl", "".join(map(jsonl_line, records)))
     doc = {**header, "tasks": {task: metrics for task, (metrics, _) in results.items()}}
-    atomic_write(out / "results.json", json.dumps(doc, indent=1) + "\n")
+    paths.write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
     return out
 
 
 def load_results(out: str | Path) -> dict:
-    path = Path(out) / "results.json"
-    if not path.is_file():
+    path = paths.as_path(out) / "results.json"
+    if not paths.exists(path):
         raise ConfigError(f"{out}: no results.json (give a directory `phijax eval --out` wrote)")
-    return json.loads(path.read_text())
+    return json.loads(paths.read_text(path))
 
 
 def format_results(doc: dict) -> str:
@@ -49,7 +51,7 @@ def format_results(doc: dict) -> str:
 
 def _item_scores(out: Path, task: str, field: str) -> dict:
     path = out / "items" / f"{task}.jsonl"
-    if not path.is_file():
+    if not paths.exists(path):
         return {}
     return {r["id"]: r[field] for _, r in read_jsonl(path) if field in r}
 
@@ -73,7 +75,7 @@ def compare(outs: list[str | Path]) -> tuple[str, list[dict]]:
     diffs: [(diff, stderr)]})."""
     if len(outs) < 2:
         raise ConfigError("compare: give at least two evaluation directories")
-    outs = [Path(o) for o in outs]
+    outs = [paths.as_path(o) for o in outs]
     docs = [load_results(o) for o in outs]
     rows = []
     for task, metrics in docs[0]["tasks"].items():

@@ -16,8 +16,10 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
 
+from phijax import paths
 from phijax.config import CheckpointConfig, Config, from_dict, to_dict
 from phijax.errors import ConfigError, DataError
+from phijax.weights import checkpoint_manager
 
 log = logging.getLogger("phijax")
 
@@ -48,10 +50,9 @@ def _quiet_failed_reads() -> None:
 
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
-                                               enable_async_checkpointing=cfg.async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.directory = paths.absolute(directory)
+        self.manager = checkpoint_manager(self.directory, max_to_keep=cfg.keep, create=True,
+                                          enable_async_checkpointing=cfg.async_save)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -98,14 +99,14 @@ class Checkpointer:
         """Rename checkpoint `step` to the first free `<step>.corrupt[-n]`: kept for a look,
         out of the way of the save of that step to come."""
         target, n = self.directory / f"{step}.corrupt", 1
-        while target.exists():
+        while paths.exists(target):
             n += 1
             target = self.directory / f"{step}.corrupt-{n}"
         several = jax.process_count() > 1
         if several:  # every process has named the target before it exists
             multihost_utils.sync_global_devices(f"phijax: setting checkpoint {step} aside")
         if jax.process_index() == 0:
-            (self.directory / str(step)).rename(target)
+            paths.move_tree(self.directory / str(step), target)
         if several:
             multihost_utils.sync_global_devices(f"phijax: checkpoint {step} set aside")
         return f"{self.directory.name}/{target.name}"
@@ -138,12 +139,11 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     from phijax.train.step import state_shapes
 
     saved_path = run_dir / "config.yaml"
-    checkpoints = run_dir / "checkpoints"
-    if not saved_path.is_file() or not checkpoints.is_dir() or \
-            not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    if not any(name.isdigit() for name in paths.listdir(run_dir / "checkpoints")) or \
+            not paths.exists(saved_path):
         return
     try:
-        saved = from_dict(Config, yaml.safe_load(saved_path.read_text()) or {}, "")
+        saved = from_dict(Config, yaml.safe_load(paths.read_text(saved_path)) or {}, "")
     except (ConfigError, yaml.YAMLError):  # written by another version: the restore will tell
         return
     before, now = _flat(to_dict(saved)), _flat(to_dict(cfg))

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from phijax import paths
 from phijax.config import ModelConfig
 from phijax.files import jsonl_line
 
@@ -33,6 +37,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     matmul = c["attention"] + c["mlp"] + cfg.vocab_size * cfg.hidden_size
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.dim_per_head * seq_len
     return 6.0 * matmul + attention
+
+
+def decode_flops_per_token(cfg: ModelConfig, cache_len: int) -> float:
+    """FLOPs of one decoded token: 2 * matmul params (the forward alone) + 4 * L * H * Q * T,
+    its query's scores and weighted values over a cache of T slots."""
+    c = param_counts(cfg)
+    matmul = c["attention"] + c["mlp"] + cfg.vocab_size * cfg.hidden_size
+    return 2.0 * matmul + 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * \
+        cfg.dim_per_head * cache_len
 
 
 def measure_matmul_peak(n: int = 2048, reps: int = 5, tries: int = 1) -> float:
@@ -62,24 +75,57 @@ def device_peak(configured: float | None) -> float:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    """metrics.jsonl and TensorBoard events in the run directory (process 0 only: `enabled`).
+
+    Locally the JSONL file is appended to and flushed at each record. A bucket has no append, so
+    for a gs:// or s3:// run directory the records are kept in memory (starting from the ones
+    already there, which the loop has cut back to the step it resumes from) and metrics.jsonl is
+    rewritten whole at each record and at close; TensorBoard writes its event file to a local
+    temporary directory, uploaded whole at each flush."""
+
+    def __init__(self, run_dir, enabled: bool = True):
         self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        self.path = paths.as_path(run_dir) / "metrics.jsonl"
+        if paths.is_url(run_dir):
+            self.lines = paths.read_text(self.path).splitlines(keepends=True) \
+                if paths.exists(self.path) else []
+            self.jsonl = None
+            self.tb_local = Path(tempfile.mkdtemp(prefix="phijax-tensorboard-"))
+            self.tb_target = paths.as_path(run_dir) / "tensorboard"
+            self.tb = SummaryWriter(str(self.tb_local))
+        else:
+            self.jsonl = open(self.path, "a")
+            self.tb_local = None
+            self.tb = SummaryWriter(str(paths.as_path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(jsonl_line(record))
-        self.jsonl.flush()
         for key, value in record.items():  # a NaN (a skipped step) stays in the JSONL only
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(jsonl_line(record))
+            self.jsonl.flush()
+        else:
+            self.lines.append(jsonl_line(record))
+            self._upload()
+
+    def _upload(self) -> None:
+        paths.write_text(self.path, "".join(self.lines))
+        for name in os.listdir(self.tb_local):
+            paths.upload(self.tb_local / name, self.tb_target / name)
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        self.tb.close()
+        if self.jsonl is not None:
             self.jsonl.close()
-            self.tb.close()
+        else:
+            self._upload()
+            shutil.rmtree(self.tb_local, ignore_errors=True)

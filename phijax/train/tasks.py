@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import jax
 from jax.experimental import multihost_utils
 
+from phijax import paths
 from phijax.config import Config
 from phijax.data.loader import synthetic_batches
 from phijax.errors import ConfigError
@@ -76,7 +77,7 @@ def check_init_from(cfg: Config) -> None:
         return
     from phijax.data.tokenizer import find_tokenizer
     from phijax.weights import latest_step, load_config
-    source = Path(cfg.run.init_from)
+    source = paths.as_path(cfg.run.init_from)
     base = load_config(source).model
     for name in SHAPE_FIELDS:
         if getattr(base, name) != getattr(cfg.model, name):

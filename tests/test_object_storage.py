@@ -1,0 +1,191 @@
+"""Run directories and token stores in a bucket: gs:// and s3:// URLs through phijax.paths, Orbax
+and TensorStore, against S3 (moto server) and GCS (fake-gcs-server) emulators on loopback, with
+the clients users run (s3fs / gcsfs, TensorStore's s3 and gcs drivers)."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from object_stores import gcs_server, object_store, s3_server  # noqa: F401 - fixtures
+from phijax import paths
+
+TINY = ROOT / "configs" / "tiny.yaml"
+# configs/tiny.yaml on random tokens: 12 steps, a checkpoint every 4, a log line every 2.
+SHORT = ["data.synthetic=true", "train.steps=12", "train.log_every=2", "checkpoint.every=4",
+         "train.eval_every=1000"]
+
+
+def losses(text: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines())}
+
+
+def test_paths_read_write_list_and_create_once(object_store):
+    run = f"{object_store}/run"
+    assert not paths.exists(run) and paths.listdir(run) == []
+    paths.write_text(f"{run}/config.yaml", "a: 1\n")
+    paths.write_bytes(f"{run}/sub/x.bin", b"\x00\x01")
+    assert paths.read_text(f"{run}/config.yaml") == "a: 1\n"
+    assert paths.listdir(run) == ["config.yaml", "sub"]
+    assert paths.create_if_absent(f"{run}/lock", "first") is True
+    assert paths.create_if_absent(f"{run}/lock", "second") is False  # refused by the store
+    assert paths.read_text(f"{run}/lock") == "first"
+    paths.remove(run, recursive=True)
+    assert not paths.exists(run)
+
+
+def test_create_if_absent_has_one_winner_locally(tmp_path):
+    results = []
+
+    def claim(i):
+        results.append((paths.create_if_absent(tmp_path / "locks" / "cell", f"worker {i}"), i))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for won, i in results if won]
+    assert len(winners) == 1
+    assert (tmp_path / "locks" / "cell").read_text() == f"worker {winners[0]}"
+    assert [p.name for p in (tmp_path / "locks").iterdir()] == ["cell"]  # no temporary left
+
+
+def test_tensorstore_kvstore_of_a_url_reads_ranges(object_store):
+    import tensorstore as ts
+    spec = {"driver": "zarr3", "kvstore": paths.kvstore(f"{object_store}/arrays/a"),
+            "metadata": {"shape": [10_000], "data_type": "uint32"}}
+    ts.open(spec, create=True).result()[:].write(np.arange(10_000, dtype=np.uint32)).result()
+    array = ts.open({"driver": "zarr3", "kvstore": paths.kvstore(f"{object_store}/arrays/a")})
+    np.testing.assert_array_equal(array.result()[4321:4330].read().result(),
+                                  np.arange(4321, 4330))
+
+
+def test_evaluation_outputs_in_a_bucket_compare_paired(object_store):
+    from phijax.eval.report import compare, write_results
+
+    def results(scores):
+        n, mean = len(scores), sum(scores) / len(scores)
+        records = [{"id": i, "score": s} for i, s in enumerate(scores)]
+        return {"arith": ({"accuracy": {"value": mean, "stderr": 0.1, "n": n}}, records)}
+
+    write_results(f"{object_store}/eval/a", results([1, 0, 0, 1]), {"step": 1})
+    write_results(f"{object_store}/eval/b", results([1, 1, 0, 1]), {"step": 2})
+    assert paths.listdir(f"{object_store}/eval/a") == ["items", "results.json"]
+    _, rows = compare([f"{object_store}/eval/a", f"{object_store}/eval/b"])
+    diff, stderr = rows[0]["diffs"][0]
+    assert diff == pytest.approx(0.25)
+    assert stderr == pytest.approx(np.std([0, 1, 0, 0]) / 2)  # paired: the items were read back
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("local") / "run"
+    run_cli("train", TINY, *SHORT, f"run.dir={run}")
+    return losses((run / "metrics.jsonl").read_text())
+
+
+@pytest.mark.slow
+def test_run_dir_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_run(
+        object_store, uninterrupted):
+    run = f"{object_store}/runs/tiny"
+    proc = run_cli("train", TINY, *SHORT, f"run.dir={run}", background=True)
+    deadline = time.monotonic() + 300
+    while not paths.exists(f"{run}/checkpoints/4/commit_success.txt") and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at step 4"  # committed: Orbax's mark
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, out  # killed mid-run, not finished
+    assert not Path(ROOT / f"{object_store.split(':')[0]}:").exists()  # no local "s3:" folder
+
+    resumed = run_cli("train", TINY, *SHORT, f"run.dir={run}")
+    start = int(resumed.stderr.split("resumed from step ")[1].split()[0])
+    assert 4 <= start < 12
+    got = losses(paths.read_text(f"{run}/metrics.jsonl"))  # + the first step after resuming
+    assert {step: got[step] for step in uninterrupted} == uninterrupted
+    assert set(got) - set(uninterrupted) <= {start + 1}
+    assert {"8", "12"} <= set(paths.listdir(f"{run}/checkpoints"))
+    assert paths.exists(f"{run}/config.yaml")
+    assert [n for n in paths.listdir(f"{run}/tensorboard") if n.startswith("events.out")]
+
+
+def test_unreachable_bucket_is_one_line_before_any_compile(object_store):
+    missing = f"{object_store.split('://')[0]}://phijax-no-such-bucket/run"
+    start = time.monotonic()
+    out = run_cli("train", TINY, "data.synthetic=true", f"run.dir={missing}", check=False)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"phijax: error: run.dir {missing}: cannot write there (no such bucket)"
+    assert "step" not in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from phijax.data.corpus import documents
+    from phijax.data.tokenizer import Tokenizer, train_tokenizer
+    path = train_tokenizer(documents(["builtin:python-docs"]),
+                           tmp_path_factory.mktemp("tok") / "tok", vocab_size=512, multiple=128)
+    return Tokenizer(path)
+
+
+def test_token_store_built_into_a_bucket_reads_as_the_local_one(object_store, tokenizer,
+                                                                 tmp_path):
+    from phijax.data.store import TokenStore, build_store
+
+    store = f"{object_store}/stores/python-docs"
+    remote = TokenStore(build_store(["builtin:python-docs"], tokenizer, store, workers=1))
+    here = TokenStore(build_store(["builtin:python-docs"], tokenizer, tmp_path / "s", workers=1))
+    assert paths.listdir(store) == ["manifest.json", "offsets", "tokens"]
+    assert len(remote) == len(here) > 10_000
+    np.testing.assert_array_equal(remote.offsets, here.offsets)
+    np.testing.assert_array_equal(remote.read(5_000, 5_129), here.read(5_000, 5_129))
+    before = bytes_read(object_store)
+    np.testing.assert_array_equal(remote.read(200_000, 200_129), here.read(200_000, 200_129))
+    assert bytes_read(object_store) - before < 4 * len(remote) / 10  # ranged: not the object
+    assert TokenStore(build_store(["builtin:python-docs"], tokenizer, store)).manifest == \
+        remote.manifest  # up to date: not rebuilt
+
+
+def bytes_read(url: str) -> int:
+    """Bytes TensorStore has read so far from the store of `url`'s scheme."""
+    import tensorstore as ts
+    name = f"/tensorstore/kvstore/{'gcs' if url.startswith('gs') else 's3'}/bytes_read"
+    found = ts.experimental_collect_matching_metrics(name)
+    return sum(v["value"] for m in found if m["name"] == name for v in m["values"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("object_store", ["s3"], indirect=True)
+def test_training_from_token_stores_and_a_tokenizer_in_a_bucket(object_store, tokenizer,
+                                                                tmp_path):
+    """A mixture of a store built into the bucket and a corpus whose store the run caches in the
+    bucket (data.cache_dir), the tokenizer read from the bucket, the run directory there too."""
+    from phijax.data.store import build_store
+    from phijax.weights import load_checkpoint
+
+    bucket_tokenizer = f"{object_store}/tokenizer/tokenizer.model"
+    paths.upload(tokenizer.path, bucket_tokenizer)
+    store = f"{object_store}/stores/python-docs"
+    build_store(["builtin:python-docs"], tokenizer, store, workers=1)
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(f"sources:\n  - {{name: docs, share: 0.5, store: {store}}}\n"
+                       f"  - {{name: stdlib, share: 0.5, corpus: [builtin:python-stdlib]}}\n")
+    run = f"{object_store}/runs/from-stores"
+    run_cli("train", TINY, f"data.mixture={mixture}", f"data.tokenizer={bucket_tokenizer}",
+            f"data.cache_dir={object_store}/cache", "model.vocab_size=512", "train.steps=4",
+            "train.log_every=2", "train.eval_every=1000", f"run.dir={run}")
+    assert sorted(losses(paths.read_text(f"{run}/metrics.jsonl"))) == [1, 2, 4]
+    cached = paths.listdir(f"{object_store}/cache/stores")
+    assert len(cached) == 1
+    assert paths.exists(f"{object_store}/cache/stores/{cached[0]}/manifest.json")
+    cfg, params, run_tokenizer, _ = load_checkpoint(run)  # its params and tokenizer, read back
+    assert run_tokenizer.hash == tokenizer.hash
+    assert params["embed"].shape == (512, cfg.model.hidden_size)
