@@ -319,8 +319,11 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_plan_commands(sub) -> None:
-    s = sub.add_parser("plan", help="compile the train step for a TPU slice from this host: "
-                       "memory per device, FLOPs, collectives, roofline step time and cost")
+    from phijax.plan.programs import STEPS
+
+    s = sub.add_parser("plan", help="compile the train (sft, dpo, decode) step for a TPU slice "
+                       "from this host: memory per device, FLOPs, collectives, roofline step "
+                       "time and cost")
     s.add_argument("config", help="YAML config file")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
     s.add_argument("--topology", required=True, help="v5p-128 (v4-N and v5p-N count "
@@ -334,7 +337,26 @@ def _add_plan_commands(sub) -> None:
     s.add_argument("--search", nargs="?", const="mesh,remat,microbatches", metavar="AXES",
                    help="find the fastest plan that fits over mesh,remat,microbatches (or a "
                    "comma-separated subset)")
+    s.add_argument("--step", choices=STEPS, default="train",
+                   help="the program to plan: the step of phijax train, sft or dpo, or a "
+                   "sampler's decode step (default train)")
+    s.add_argument("--batch", type=int, help="decode: rows decoded together "
+                   "(default train.batch_size)")
+    s.add_argument("--cache-len", type=int, help="decode: KV cache slots per row "
+                   "(default model.max_position_embeddings)")
     s.set_defaults(fn=_plan)
+
+
+def _add_sweep_commands(sub) -> None:
+    from phijax.sweep.command import add_sweep_commands
+
+    add_sweep_commands(sub)
+
+
+def _add_launch_commands(sub) -> None:
+    from phijax.launch.command import add_parser
+
+    add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_config_commands, _add_checkpoint_commands, _add_convert_commands,
-                _add_data_commands, _add_plan_commands):
+                _add_data_commands, _add_plan_commands, _add_sweep_commands,
+                _add_launch_commands):
         add(sub)
     return p
 
@@ -362,7 +385,8 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax"):  # orbax's per-save chatter, "Unable to initialize backend 'tpu'"
+    # orbax's per-save chatter, "Unable to initialize backend 'tpu'", bucket clients' per-request
+    for noisy in ("absl", "jax", "gcsfs", "fsspec", "botocore", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +203,22 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
             node = node[part]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans, true and false only: YAML 1.1 also reads on/off/yes/no as
+    booleans, and `run.distributed: on` would not be the choice `on`."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """`key=value` strings -> (key, value), values parsed as YAML (`3e-4`, `[a, b]`, `true`)."""
     out = []
@@ -210,7 +227,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=20")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = parse_yaml(text) if text else ""
         except yaml.YAMLError:
             value = text
         out.append((key.strip(), value))
@@ -223,7 +240,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -262,7 +279,9 @@ class ModelConfig:
     dtype: str = one_of("float32", "bfloat16")  # compute dtype; params are float32
     remat: str = one_of("none", "full", "dots", "dots_no_batch")
     scan_layers: bool = True
-    attention: str = one_of("xla", "cudnn")  # cudnn: GPU + bfloat16 only; xla elsewhere
+    # cudnn: GPU + bfloat16 only; splash: the Pallas TPU kernel, TPU only; xla elsewhere
+    attention: str = one_of("xla", "cudnn", "splash")
+    splash_interpret: bool = False  # splash in the Pallas interpreter, any backend (slow: tests)
     # Sequence positions whose float32 logits the loss holds at once: (batch, loss_chunk, vocab)
     # instead of (batch, seq_len, vocab), recomputed in the backward pass. null: all at once.
     loss_chunk: Optional[int] = positive(1024)
@@ -357,8 +376,11 @@ class DPOConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # a local path, or a gs:// or s3:// URL (see phijax/paths.py)
+    # auto: start multi-process JAX where the environment shows several processes (SLURM, Open
+    # MPI, TPU slices, Kubernetes indexed Jobs, JAX_COORDINATOR_ADDRESS); on: always; off: never
     distributed: str = one_of("auto", "on", "off")
+    distributed_timeout: int = positive(300)  # seconds every process waits for the others at start
     init_from: Optional[str] = None  # run directory whose latest params start a new run (SFT, DPO)
 
 
@@ -384,6 +406,12 @@ def validate(cfg: Config, device_count: Optional[int] = None) -> None:
     """Every field's range, then the checks across fields; `device_count` adds the checks that
     depend on the machine."""
     check_fields(cfg)
+    from phijax.paths import as_path
+    for key in ("dir", "init_from"):
+        try:
+            as_path(getattr(cfg.run, key) or ".")
+        except ConfigError as e:
+            raise ConfigError(f"run.{key}: {e}") from None
     m = cfg.model
     if m.head_dim is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size {m.hidden_size} is not divisible by "

@@ -5,6 +5,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-goldens", action="store_true",
+                     help="rewrite the golden files under tests/data/ from what the code gives now")
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +59,12 @@ def run_script(name: str, *args, timeout: int = 600) -> subprocess.CompletedProc
                JAX_PLATFORMS="cpu")
     return subprocess.run([str(Path(sys.executable).parent / name), *map(str, args)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# Tests marked `tpu_plan` compile for TPU slices through libtpu (the tpu-plan extra).
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='needs libtpu: pip install -e ".[tpu-plan]" (CI runs these)')
 
 
 def free_port() -> int:

@@ -81,3 +81,16 @@ def test_cli_reports_one_line_before_compiling():
 
 def test_override_below_a_value_is_an_error():
     assert error("train.steps.x=1") == "override train.steps.x: train.steps is not a section"
+
+
+def test_on_and_off_are_words_not_booleans(tmp_path):
+    """YAML 1.2's booleans (true/false): `run.distributed: on` is the choice `on`, in a file and
+    in an override; yes/no are words too, and a true/false field refuses them by name."""
+    assert load_config(TINY, ["run.distributed=on"]).run.distributed == "on"
+    assert load_config(TINY, ["run.distributed=off"]).run.distributed == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {distributed: on}\nmodel: {tie_word_embeddings: true}\n")
+    cfg = load_config(path)
+    assert cfg.run.distributed == "on" and cfg.model.tie_word_embeddings is True
+    assert error("model.scan_layers=yes") == \
+        "model.scan_layers: expected true/false, got str 'yes'"

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from phijax import paths
 from phijax.config import DataConfig
 from phijax.data.corpus import check_specs, documents
 from phijax.data.mixture import MixtureConfig, SourceConfig, load_mixture
@@ -21,6 +22,13 @@ from phijax.hashing import digest
 
 log = logging.getLogger("phijax")
 TOKENIZER_VERSION = 2  # bump when training settings change, so caches retrain
+
+
+def cache_path(cfg: DataConfig):
+    """data.cache_dir: a local directory (`~` expanded), or a gs:// or s3:// URL that every
+    host of a pod reads the tokenizer and stores process 0 built from."""
+    return paths.as_path(cfg.cache_dir) if paths.is_url(cfg.cache_dir) else \
+        Path(cfg.cache_dir).expanduser()
 
 
 def mixture_for(cfg: DataConfig) -> MixtureConfig:
@@ -50,13 +58,14 @@ def run_tokenizer(cfg: DataConfig, mixture: MixtureConfig) -> Tokenizer:
     holding one), or the tokenizer trained on the mixture's corpora (cached)."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    corpus = [spec for s in mixture.sources for spec in s.corpus]
+    # each corpus once: sources over the same corpus (a length filter's) train the same tokenizer
+    corpus = list(dict.fromkeys(spec for s in mixture.sources for spec in s.corpus))
     if not corpus:
         raise ConfigError("data.tokenizer is unset and no source has a corpus to train one on")
     key = digest(TOKENIZER_VERSION, corpus, cfg.text_field, cfg.tokenizer_vocab_size,
                  cfg.tokenizer_multiple, length=12)
-    path = Path(cfg.cache_dir).expanduser() / "tokenizers" / f"sp-{key}"
-    if not path.with_suffix(".model").is_file():
+    path = cache_path(cfg) / "tokenizers" / f"sp-{key}"
+    if not paths.exists(path.with_suffix(".model")):
         log.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, corpus)
         train_tokenizer(documents(corpus, cfg.text_field), path, cfg.tokenizer_vocab_size,
                         cfg.tokenizer_multiple)
@@ -76,24 +85,25 @@ def prepare(cfg: DataConfig) -> tuple[Tokenizer, MixtureConfig, list[TokenStore]
 def source_tokens(cfg: DataConfig, mixture: MixtureConfig) -> dict[str, int]:
     """Tokens in the store of each source that has no `unique_tokens` (for `phijax data
     report`): a `store:` source's store, or a corpus source's cached store, built with the run's
-    tokenizer (`cfg`) when missing."""
+    tokenizer (`cfg`) when missing; only its documents of at least `min_doc_tokens` tokens."""
     wanted = [s for s in mixture.sources if s.unique_tokens is None and (s.corpus or s.store)]
     opened = open_sources(wanted)
-    counts = {s.name: len(store) for s, store in zip(wanted, opened) if store is not None}
+    counts = {s.name: len(store.select(s.min_doc_tokens))
+              for s, store in zip(wanted, opened) if store is not None}
     corpora = [s for s, store in zip(wanted, opened) if store is None]
     if corpora:
         tokenizer = run_tokenizer(cfg, mixture)  # the whole mixture's, as a run trains it
         for s in corpora:
             log.info("source %s: counting the tokens of corpus %s: its token store in %s (built "
                      "once, with tokenizer %s)", s.name, " ".join(s.corpus),
-                     Path(cfg.cache_dir).expanduser() / "stores", tokenizer.path)
-            counts[s.name] = len(_cached_store(s, cfg, tokenizer))
+                     cache_path(cfg) / "stores", tokenizer.path)
+            counts[s.name] = len(_cached_store(s, cfg, tokenizer).select(s.min_doc_tokens))
     return counts
 
 
 def _cached_store(source: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer) -> TokenStore:
     key = digest(source.corpus, source.glob, cfg.text_field, tokenizer.hash, length=12)
-    path = Path(cfg.cache_dir).expanduser() / "stores" / f"store-{key}"
+    path = cache_path(cfg) / "stores" / f"store-{key}"
     store = TokenStore(build_store(source.corpus, tokenizer, path, cfg.text_field, source.glob,
                                    what=f"source {source.name}"))
     if store.manifest["skipped"]:

@@ -13,6 +13,13 @@ shard is kept as a part file under OUT.partial/parts, written atomically, so a r
 or a kill tokenizes only the shards that were not done. The arrays are then assembled in shard
 order (the store does not depend on how many workers ran) and renamed into place; an existing
 store is replaced only once the new one is complete.
+
+OUT may be a gs:// or s3:// URL: the part files then stay in a local temporary directory, and
+the arrays are written straight into the bucket (which has no rename), manifest.json last: until
+it is there the URL is not a store. Reads of a store in a bucket are ranged reads of its objects.
+
+`TokenStore.select(n)` gives a store's documents of at least n tokens as a store of their own
+(`DocumentSubset`), from the offsets alone: nothing is tokenized again.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -29,6 +37,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
+from phijax import paths
 from phijax.data.corpus import Shard, Skipped, plan_shards, read_shard
 from phijax.data.tokenizer import Tokenizer, load_tokenizer
 from phijax.errors import DataError
@@ -42,7 +51,7 @@ CHUNK = 1 << 14  # elements per inner chunk (the unit a read fetches)
 
 
 def _array_spec(path: Path, dtype: str | None = None, size: int | None = None) -> dict:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    spec = {"driver": "zarr3", "kvstore": paths.kvstore(path)}
     if size is not None:
         bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}}
         spec["metadata"] = {
@@ -127,19 +136,19 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
                 shard_bytes: int | None = None, what: str | None = None) -> Path:
     """Tokenize `specs` into a store at `out`, resuming from the shards a killed run finished.
     `what` names the store in errors (default `store OUT`)."""
-    out = Path(out)
+    out = paths.as_path(out)
     desc = f"tokenize {what or out.name}"
     what = what or f"store {out}"
     shards = plan_shards(specs, glob, shard_bytes)
     if not shards:
         raise DataError(f"{what}: {' '.join(specs)} holds no documents")
     key = _plan_key(shards, tokenizer, text_field)
-    if (out / "manifest.json").is_file() and \
-            json.loads((out / "manifest.json").read_text()).get("plan") == key:
+    if paths.exists(out / "manifest.json") and \
+            json.loads(paths.read_text(out / "manifest.json")).get("plan") == key:
         log.info("store %s is up to date", out)
         _add_max_id(out)
         return out
-    work = out.with_name(out.name + ".partial")
+    work = _work_dir(out)
     parts = work / "parts"
     if not (work / "plan.json").is_file() or json.loads((work / "plan.json").read_text()) != key:
         shutil.rmtree(work, ignore_errors=True)
@@ -178,6 +187,15 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
     return _assemble(work, out, len(shards), tokenizer, key, what)
 
 
+def _work_dir(out) -> Path:
+    """Where the part files of `out` go: OUT.partial beside it, or for a bucket a local
+    temporary directory named after the URL (a rerun on this machine resumes from it)."""
+    if not paths.is_url(out):
+        return out.with_name(out.name + ".partial")
+    return Path(tempfile.gettempdir()) / "phijax-tokenize" / \
+        f"{out.name}-{digest(str(out), length=12)}.partial"
+
+
 def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, what: str) -> Path:
     summaries = [json.loads((work / "parts" / f"{i:06d}.json").read_text()) for i in range(n)]
     documents = sum(s["documents"] for s in summaries)
@@ -191,9 +209,13 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
     new = work / "store"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir()
-    columns = {"tokens": _Column(new / "tokens", "uint32", total)}
+    arrays = out if paths.is_url(out) else new  # a bucket has no rename: written in place
+    if paths.is_url(out):
+        paths.remove(out / "manifest.json")  # not a store from here until its new manifest
+        paths.remove(out, recursive=True)
+    columns = {"tokens": _Column(arrays / "tokens", "uint32", total)}
     if chats:
-        columns["mask"] = _Column(new / "loss_mask", "uint8", total)
+        columns["mask"] = _Column(arrays / "loss_mask", "uint8", total)
     lengths, max_id = [], -1
     for i in range(n):
         with np.load(work / "parts" / f"{i:06d}.npz") as part:
@@ -207,7 +229,7 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
     for column in columns.values():
         column.append(np.zeros(0), final=True)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-    _Column(new / "offsets", "int64", offsets.size).append(offsets, final=True)
+    _Column(arrays / "offsets", "int64", offsets.size).append(offsets, final=True)
     if any(s["paths"] for s in summaries):
         with open(new / "metadata.jsonl", "w") as f:
             for s in summaries:
@@ -218,6 +240,12 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
                 "tokenizer_hash": tokenizer.hash, "max_id": max_id, "skipped": skipped.counts,
                 "skipped_examples": skipped.examples, "plan": key}
     (new / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if paths.is_url(out):
+        for name in ("metadata.jsonl", "manifest.json"):  # the manifest last
+            if (new / name).is_file():
+                paths.upload(new / name, out / name)
+        shutil.rmtree(work, ignore_errors=True)
+        return out
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -230,10 +258,10 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
 
 def _add_max_id(path: Path) -> None:
     """Write `max_id` into the manifest of a store built before manifests had it."""
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads(paths.read_text(path / "manifest.json"))
     if "max_id" not in manifest:
         manifest["max_id"] = TokenStore(path).max_id
-        atomic_write(path / "manifest.json", json.dumps(manifest, indent=2))
+        paths.write_text(path / "manifest.json", json.dumps(manifest, indent=2))
 
 
 _context = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
@@ -244,15 +272,15 @@ class TokenStore:
     in errors (default `token store PATH`)."""
 
     def __init__(self, path: str | Path, what: str | None = None):
-        path = Path(path)
+        path = paths.as_path(path)
         what = what or f"token store {path}"
-        if not (path / "manifest.json").is_file():
-            state = "is not a token store" if path.exists() else "does not exist"
+        if not paths.exists(path / "manifest.json"):
+            state = "is not a token store" if paths.exists(path) else "does not exist"
             hint = "; its tokenizing did not finish (rerun `phijax data tokenize` to resume it)" \
-                if path.with_name(path.name + ".partial").is_dir() else ""
+                if _work_dir(path).is_dir() else ""
             raise DataError(f"{what} {state} (no manifest.json){hint}")
         self.path = path
-        self.manifest = json.loads((path / "manifest.json").read_text())
+        self.manifest = json.loads(paths.read_text(path / "manifest.json"))
         if self.manifest.get("format") != FORMAT:
             raise DataError(f"{what} is not a {FORMAT} store; rebuild it with "
                              f"`phijax data tokenize`")
@@ -284,3 +312,52 @@ class TokenStore:
 
     def read_mask(self, begin: int, end: int) -> np.ndarray | None:
         return None if self.loss_mask is None else self.loss_mask[begin:end].read().result()
+
+    def select(self, min_tokens: int | None) -> "TokenStore | DocumentSubset":
+        """The documents of at least `min_tokens` tokens (each counted with its closing
+        <|endoftext|>), found from the offsets alone; None: the whole store."""
+        if not min_tokens:
+            return self
+        return DocumentSubset(self, np.flatnonzero(np.diff(self.offsets) >= min_tokens))
+
+
+class DocumentSubset:
+    """Some documents of a store, read as a store of their own: their tokens back to back in
+    store order, with their own `offsets`, so `Windows` and `PackedDocuments` draw from them
+    alone. A read spans runs of consecutive documents with one store read per run."""
+
+    def __init__(self, store: TokenStore, documents: np.ndarray):
+        self.store, self.path = store, store.path
+        lengths = np.diff(store.offsets)[documents]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        starts_run = np.ones(documents.size, bool)
+        starts_run[1:] = np.diff(documents) != 1
+        self._run_begin = self.offsets[:-1][starts_run]  # where each run starts here
+        self._run_source = store.offsets[documents[starts_run]]  # and in the store
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def documents(self) -> int:
+        return self.offsets.size - 1
+
+    def _spans(self, begin: int, end: int):
+        """The store ranges that hold tokens [begin, end) of the subset."""
+        run = int(np.searchsorted(self._run_begin, begin, side="right")) - 1
+        while begin < end:
+            stop = int(self._run_begin[run + 1]) if run + 1 < self._run_begin.size else len(self)
+            take = min(end, stop)
+            first = int(self._run_source[run]) + begin - int(self._run_begin[run])
+            yield first, first + take - begin
+            begin, run = take, run + 1
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        return np.concatenate([self.store.read(a, b) for a, b in self._spans(begin, end)] or
+                              [np.zeros(0, np.int32)])
+
+    def read_mask(self, begin: int, end: int) -> np.ndarray | None:
+        if self.store.loss_mask is None:
+            return None
+        return np.concatenate([self.store.read_mask(a, b) for a, b in self._spans(begin, end)] or
+                              [np.zeros(0, np.uint8)])

@@ -1,5 +1,6 @@
 """`phijax train`: the training loop with logging, eval (held-out loss and benchmark tasks),
-checkpoints, the non-finite step guard and SIGTERM / Ctrl-C handling."""
+checkpoints, the non-finite step guard, and stops on a preemption (SIGTERM, SIGUSR1: exit
+status 42) or Ctrl-C (exit status 0) with a checkpoint of the same step on every host."""
 from __future__ import annotations
 
 import logging
@@ -15,35 +16,20 @@ import numpy as np
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from phijax import paths
 from phijax.config import Config, to_dict, validate
 from phijax.data.tokenizer import save_tokenizer
 from phijax.errors import ConfigError
-from phijax.files import atomic_write, read_jsonl, write_jsonl
+from phijax.files import jsonl_line, read_jsonl
 from phijax.sharding import make_mesh
 from phijax.train.checkpoint import Checkpointer, check_resume
+from phijax.train.distributed import PREEMPTED_EXIT_CODE, initialize
 from phijax.train.eval_tasks import EvalTasks, load_eval_tasks
 from phijax.train.metrics import MetricsWriter, device_peak, flops_per_token
 from phijax.train.step import build_trainer
 from phijax.train.tasks import check_init_from, lm_task
 
 log = logging.getLogger("phijax")
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-    """Multi-process JAX when asked (`on`: a cluster JAX detects, SLURM, TPU pods...), or when the
-    environment names a coordinator: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
-    env = os.environ
-    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
-    if mode == "off" or (mode == "auto" and not coordinator):
-        return
-    kwargs = {}
-    if coordinator:
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
-        if missing:
-            raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
-        kwargs = {"coordinator_address": coordinator, "num_processes": int(env["JAX_NUM_PROCESSES"]),
-                  "process_id": int(env["JAX_PROCESS_ID"])}
-    jax.distributed.initialize(**kwargs)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -54,8 +40,9 @@ def _fmt_time(seconds: float) -> str:
 
 def _trim_metrics(path: Path, last_step: int) -> None:
     """Drop records past the checkpoint we resume from, so steps are never logged twice."""
-    if path.exists():
-        write_jsonl(path, [m for _, m in read_jsonl(path) if m["step"] <= last_step])
+    if paths.exists(path):
+        kept = [m for _, m in read_jsonl(path) if m["step"] <= last_step]
+        paths.write_text(path, "".join(map(jsonl_line, kept)))
 
 
 class NonFiniteStop(SystemExit):
@@ -67,51 +54,73 @@ class NonFiniteStop(SystemExit):
         super().__init__(f"phijax: error: {message}")
 
 
-class _StopFlag:
-    """Set by SIGTERM or a first Ctrl-C (SIGINT): the loop saves a checkpoint after the step
-    and returns; a second Ctrl-C aborts at once. With several processes the stop is agreed:
-    each step all-reduces every process's flag on the devices, and `should_stop` reads the
-    previous step's result (ready by then, so no host sync), so all processes save the same
-    step, one step after the signal."""
+class Preempted(SystemExit):
+    """The run stopped on SIGTERM or SIGUSR1 (to this process or another) with a checkpoint of
+    the same step saved on every host: the program exits with PREEMPTED_EXIT_CODE, which
+    schedulers retry, and the same command resumes."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class _StopFlag:
+    """Set by a first Ctrl-C (SIGINT), or by SIGTERM or SIGUSR1, which announce a preemption
+    (SLURM's `--signal=USR1@120` sends USR1 ahead of a time limit): the loop saves a checkpoint
+    after the step and returns, and after a preemption `train` raises Preempted; a second
+    Ctrl-C aborts at once. With several processes the stop is agreed: each step all-reduces
+    (max) every process's level on the devices, and `should_stop` reads the previous step's
+    result (ready by then, so no host sync), so all processes save the same step, one step
+    after the signal, and exit alike (a preemption anywhere outranks a Ctrl-C)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    INTERRUPTED, PREEMPTED = 1, 2  # levels; 0: no signal
 
     def __init__(self, mesh=None):
-        self.local, self.agreed, self.reason, self._pending = False, False, None, None
+        self.local, self.agreed, self.reason, self._pending = 0, 0, None, None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        self._agree = _any_process(mesh) if mesh is not None and jax.process_count() > 1 \
+        self._agree = _max_over_processes(mesh) if mesh is not None and jax.process_count() > 1 \
             else None
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
+        interrupt = signum == signal.SIGINT
+        if interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one aborts
         log.warning("%s: saving a checkpoint after this step, then exiting%s", name,
-                    " (a second Ctrl-C aborts)" if signum == signal.SIGINT else "")
-        self.local, self.reason = True, name
+                    " (a second Ctrl-C aborts)" if interrupt else
+                    f" with status {PREEMPTED_EXIT_CODE} (preempted; the same command resumes)")
+        level = self.INTERRUPTED if interrupt else self.PREEMPTED
+        if level > self.local:
+            self.local, self.reason = level, name
 
     def should_stop(self) -> bool:
         """Called once a step, after the step is dispatched."""
         if self._agree is None:
-            return self.local
+            self.agreed = self.local
+            return bool(self.agreed)
         previous, self._pending = self._pending, self._agree(self.local)
-        if not self.agreed and previous is not None and bool(previous):
-            self.agreed = True
-            self.reason = self.reason or "a signal to another process"
-        return self.agreed
+        if not self.agreed and previous is not None:
+            self.agreed = int(previous)
+            if self.agreed and self.agreed != self.local:
+                self.reason = "a signal to another process"
+        return bool(self.agreed)
+
+    @property
+    def preempted(self) -> bool:
+        return self.agreed == self.PREEMPTED
 
     def close(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
 
-def _any_process(mesh):
-    """flag -> a replicated device bool: any process's flag (one tiny all-reduce, dispatched
-    like a step, so asking does not wait)."""
+def _max_over_processes(mesh):
+    """level -> a replicated device int: the highest level of any process (one tiny
+    all-reduce, dispatched like a step, so asking does not wait)."""
     sharding = NamedSharding(mesh, P(mesh.axis_names))
-    reduce = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
-    local = np.zeros(jax.local_device_count(), bool)
-    return lambda flag: reduce(jax.make_array_from_process_local_data(sharding, local | flag))
+    reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    local = np.zeros(jax.local_device_count(), np.int32)
+    return lambda level: reduce(jax.make_array_from_process_local_data(sharding, local + level))
 
 
 class _NonFinite:
@@ -171,7 +180,7 @@ def _initial_state(cfg: Config, trainer, ckpt: Checkpointer, initial):
 def _write_run_files(cfg: Config, task, run_dir: Path, start: int) -> None:
     """config.yaml, the tokenizer (all that sampling and serving need) and metrics.jsonl cut
     back to `start`: written once the state is in hand, so a failed resume changes nothing."""
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    paths.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir)
     _trim_metrics(run_dir / "metrics.jsonl", start)
@@ -179,7 +188,11 @@ def _write_run_files(cfg: Config, task, run_dir: Path, start: int) -> None:
 
 def check_run_dir(run_dir: Path) -> None:
     """run.dir is a directory, or can be made one: a ConfigError before any data or compile
-    work otherwise (a file in its place or in its path, a parent we cannot write)."""
+    work otherwise (a file in its place or in its path, a parent we cannot write; a bucket
+    that does not exist, cannot be reached or may not be written)."""
+    if paths.is_url(run_dir):
+        paths.check_writable(run_dir, "run.dir")
+        return
     if run_dir.exists():
         if not run_dir.is_dir():
             raise ConfigError(f"run.dir {run_dir} is a file, not a directory")
@@ -193,18 +206,20 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def train(cfg: Config, make_task: Callable = lm_task) -> dict:
-    """Run (or resume) training; returns the last logged metrics."""
-    maybe_initialize_distributed(cfg.run.distributed)
+    """Run (or resume) training; returns the last logged metrics. A stop on SIGTERM or SIGUSR1
+    raises Preempted (exit status PREEMPTED_EXIT_CODE) once the checkpoint is saved."""
+    initialize(cfg.run.distributed, cfg.run.distributed_timeout)
     validate(cfg, jax.device_count())
     benchmarks = load_eval_tasks(cfg)  # every file read before any data or compile work
     check_init_from(cfg)
-    run_dir = Path(cfg.run.dir)
+    run_dir = paths.as_path(cfg.run.dir)
     check_run_dir(run_dir)
     check_resume(cfg, run_dir)
     mesh = make_mesh(cfg.mesh)
     task = make_task(cfg, mesh)
     eval_tasks = EvalTasks(cfg, benchmarks, task.tokenizer, mesh) if benchmarks else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not paths.is_url(run_dir):  # a bucket has no directories to make
+        run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     trainer = build_trainer(cfg, mesh, task.objective, task.batch_dims)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -236,6 +251,10 @@ def train(cfg: Config, make_task: Callable = lm_task) -> dict:
         stop.close()
         if not aborted:
             ckpt.close()
+    if stop.preempted:
+        log.warning("preempted: exiting with status %d; the same command resumes",
+                    PREEMPTED_EXIT_CODE)
+        raise Preempted()
     epochs = [f"{k[len('epochs/'):]} {v:.2f}" for k, v in last.items() if k.startswith("epochs/")]
     if epochs:
         log.info("realized epochs per source: %s", ", ".join(epochs))
