@@ -2,6 +2,7 @@
 
     pts-arith   PTS-DPO against sequence DPO on arithmetic word problems (CONFIG [key=value ...])
     arith-data  write the arithmetic task's train / held-out / validation / PTS files
+    mixture     pre-training mixture arms at equal tokens on a toy world: reasoning vs knowledge
 """
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def _arith_data(args) -> int:
     return 0
 
 
+def _mixture(args) -> int:
+    from experiments.mixture.run import MixtureExperiment, format_table, run
+
+    for flag in ("seeds", "steps", "people", "knowledge", "reasoning"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for o in args.set:
+        if "=" not in o:
+            raise ConfigError(f"--set {o}: expected KEY=VALUE")
+    sweeps = ["configs/sweeps/mixture-arms.yaml"] + \
+        (["configs/sweeps/mixture-shares.yaml"] if args.shares else [])
+    cfg = MixtureExperiment(out=args.out, world_seed=args.world_seed, people=args.people,
+                            towns=max(4, args.people // 15),
+                            seeds=args.seeds, steps=args.steps, overrides=args.set,
+                            knowledge=args.knowledge, reasoning=args.reasoning, sweeps=sweeps,
+                            error_rate=args.error_rate, max_new_tokens=args.max_new_tokens)
+    results = run(cfg)
+    for name, rows in results["tables"].items():
+        print(f"{name}:\n{format_table(rows)}")
+    print(json.dumps({"out": args.out, "tables": results["tables"],
+                      "seconds": results["seconds"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from experiments.pts_arith.arith import MAX_NUMBER
 
@@ -62,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-number", type=int, default=MAX_NUMBER,
                    help="largest starting amount or addition")
     s.set_defaults(fn=_arith_data)
+    s = sub.add_parser("mixture", help="web / synthetic / web-rewrite / phi-4 mixture arms at "
+                       "equal tokens on a toy world (world -> teacher pipelines -> stores -> "
+                       "sweep -> eval -> table); rerun to resume")
+    s.add_argument("--out", default="runs/mixture", help="output directory")
+    s.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
+    s.add_argument("--steps", type=int, default=500, help="training steps of every cell")
+    s.add_argument("--shares", action="store_true",
+                   help="also sweep the synthetic share 0..0.8, the rest web")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training key for every cell, e.g. train.batch_size=8 (repeatable)")
+    s.add_argument("--world-seed", type=int, default=0)
+    s.add_argument("--people", type=int, default=300,
+                   help="people in the toy world (towns: one per 15 people, at least 4)")
+    s.add_argument("--knowledge", type=int, default=200, help="held-out knowledge questions")
+    s.add_argument("--reasoning", type=int, default=200, help="held-out reasoning questions")
+    s.add_argument("--error-rate", type=float, default=0.1, help="the scripted teacher's")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="per evaluation answer")
+    s.set_defaults(fn=_mixture)
     return p
 
 
