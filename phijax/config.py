@@ -235,8 +235,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict:
-    """The mapping in a YAML file (empty file: {}); one-line errors naming the file."""
-    path = Path(path)
+    """The mapping in a YAML file or object (a gs:// or s3:// URL; empty: {}); one-line errors
+    naming the file."""
+    if "://" in str(path):
+        from phijax.paths import as_path
+        path = as_path(path)
+    else:
+        path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:

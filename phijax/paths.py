@@ -101,6 +101,11 @@ def listdir(path: str | os.PathLike) -> list[str]:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
+    """The content of a file or object, as it is now (not as a cached listing saw it)."""
+    if is_url(path):
+        fs, key = filesystem(path)
+        fs.invalidate_cache(key)
+        return fs.cat_file(key)
     return as_path(path).read_bytes()
 
 

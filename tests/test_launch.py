@@ -200,6 +200,8 @@ def test_multislice_and_workers():
     (["tpu-vm", *CONFIGS["phi-4"][:-2]], "add run.distributed=on"),
     (["local", *CONFIGS["tiny"], "--slices", "2"], "multislice is for TPU slices"),
     (["local", *CONFIGS["tiny"], "--name", "Bad_Name"], "--name 'Bad_Name': lowercase"),
+    (["tpu-vm", *CONFIGS["phi-4"], "--bucket", "phijax-runs"],
+     "--bucket phijax-runs: give gs://BUCKET or s3://BUCKET"),
 ])
 def test_mistakes_are_one_line(args, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -213,6 +215,29 @@ def test_relative_run_dir_on_several_hosts_warns(capsys, monkeypatch, caplog):
     status, _, _ = launch(capsys, "jobset", *CONFIGS["tiny"][:-1], "--name", "x", *IMAGE)
     assert status == 0
     assert "run.dir runs/tiny is relative: each of the 2 hosts" in caplog.text
+
+
+@pytest.mark.parametrize("target,extra", [("tpu-vm", ["--zone", "us-east5-a"]),
+                                          ("xpk", IMAGE + ["--cluster", "v5p-cluster"]),
+                                          ("jobset", IMAGE)])
+def test_a_pod_run_goes_to_the_bucket_or_warns(target, extra, capsys, monkeypatch, caplog):
+    monkeypatch.chdir(ROOT)
+    pod = [target, *CONFIGS["phi-4"][:-1], "--name", "phi4", *extra]  # run.dir: runs/phi-4
+    status, text, _ = launch(capsys, *pod, "--bucket", "gs://phijax-runs")
+    assert status == 0
+    assert "# run.dir defaults to gs://phijax-runs/runs/phi4 (--bucket)" in text
+    assert "run.distributed=on run.dir=gs://phijax-runs/runs/phi4" in text  # what hosts run
+    assert "WARNING" not in caplog.text
+
+    _, text, _ = launch(capsys, *pod)
+    assert "run.dir" not in text.split("run.distributed=on")[1].split("\n")[0]
+    warning = ("run.dir runs/phi-4 is a local path: the 16 hosts of a TPU slice share no file "
+               "system (unless each mounts one there); give --bucket gs://BUCKET (run.dir "
+               "gs://BUCKET/runs/phi4) or run.dir=gs://...")
+    assert caplog.text.count("run.dir runs/phi-4") == 1 and warning in caplog.text, caplog.text
+
+    _, text, _ = launch(capsys, *pod, "--bucket", "gs://phijax-runs", "run.dir=gs://other/x")
+    assert "phijax-runs" not in text and "run.dir=gs://other/x" in text  # an override wins
 
 
 @pytest.mark.parametrize("args,message", [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import ROOT, run_cli
 from object_stores import gcs_server, object_store, s3_server  # noqa: F401 - fixtures
@@ -189,3 +190,40 @@ def test_training_from_token_stores_and_a_tokenizer_in_a_bucket(object_store, to
     cfg, params, run_tokenizer, _ = load_checkpoint(run)  # its params and tokenizer, read back
     assert run_tokenizer.hash == tokenizer.hash
     assert params["embed"].shape == (512, cfg.model.hidden_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("object_store", ["s3"], indirect=True)
+def test_a_sweep_in_a_bucket_shared_by_two_workers_runs_each_cell_once(object_store, tmp_path,
+                                                                       monkeypatch):
+    """Cells, status, locks (created only if absent) and run directories all in the bucket."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "pair", "base": str(TINY), "root": f"{object_store}/sweeps",
+        "overrides": {"data.synthetic": True, "train.steps": 2, "data.seq_len": 32,
+                      "checkpoint.async_save": False, "train.peak_flops_per_device": 1.0e12},
+        "grid": {"optimizer.learning_rate": [1.0e-3, 3.0e-3]}}))
+    workers = [run_cli("sweep", "work", sweep, "--poll", "1", background=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    root = f"{object_store}/sweeps/pair"
+    cells = [f"{root}/{name}" for name in paths.listdir(root)]
+    assert len(cells) == 2
+    for cell in cells:
+        assert json.loads(paths.read_text(f"{cell}/status.json"))["state"] == "success"
+        assert paths.listdir(f"{cell}/locks") == ["0001.json"]  # claimed once: ran once
+        assert json.loads(paths.read_text(f"{cell}/locks/0001.json"))["released"]
+        assert json.loads(paths.read_text(f"{cell}/cell.json"))["config"]["run"]["dir"] == cell
+        steps = [r["step"] for r in map(json.loads, paths.read_text(f"{cell}/metrics.jsonl")
+                                        .splitlines()) if "loss" in r]
+        assert steps == [1, 2]
+        assert paths.exists(f"{cell}/checkpoints/2") and paths.read_text(f"{cell}/train.log")
+    assert not Path(ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
+
+    again = run_cli("sweep", "run", sweep)
+    assert "ran 0 cells" in again.stderr
+    assert all(paths.listdir(f"{cell}/locks") == ["0001.json"] for cell in cells)
+    status = run_cli("sweep", "status", sweep, "--metrics", "loss").stdout
+    assert status.count("success") == 2 and " - " not in status, status  # losses read back
+    assert paths.exists(f"{root}/sweep.png")

@@ -16,7 +16,7 @@ log = logging.getLogger("phijax.launch")
 # command-line options that are LaunchSpec fields, under the same names
 SPEC_OPTIONS = ("name", "topology", "nodes", "gpus_per_node", "gpu_type", "slices", "workers",
                 "max_restarts", "image", "venv", "port", "project", "zone", "cluster",
-                "namespace", "partition", "time")
+                "namespace", "partition", "time", "bucket")
 
 
 def add_parser(sub) -> None:
@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     where.add_argument("--namespace", help="Kubernetes namespace (jobset, k8s-job)")
     where.add_argument("--partition", help="SLURM partition")
     where.add_argument("--time", help="SLURM time limit, e.g. 24:00:00")
+    where.add_argument("--bucket", help="gs://BUCKET or s3://BUCKET: run.dir defaults to "
+                       "BUCKET/runs/NAME, one run every host writes (a run.dir=... override "
+                       "wins); the hosts of a TPU slice share no file system")
     s.add_argument("--out", help="also write the rendered files into this folder")
     s.add_argument("--dry-run", action="store_true",
                    help="print what --submit would submit or run (the default)")

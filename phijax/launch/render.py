@@ -14,7 +14,7 @@ import yaml
 import phijax
 from phijax.errors import UserError
 from phijax.launch.local import local_processes
-from phijax.launch.spec import Hardware, LaunchSpec, check
+from phijax.launch.spec import Hardware, LaunchSpec, bucket_run_dir, check, host_command
 from phijax.train.distributed import PREEMPTED_EXIT_CODE
 
 # Each target's rendered file (after the spec's name) and its template, `<suffix>.j2`.
@@ -63,7 +63,7 @@ def _environment() -> jinja2.Environment:
 
 def host_argv(spec: LaunchSpec) -> list[str]:
     """The argv every host runs: `command`, its program taken from the venv's bin/ (--venv)."""
-    argv = list(spec.command)
+    argv = host_command(spec)
     if spec.venv and "/" not in argv[0]:
         argv[0] = f"{spec.venv.rstrip('/')}/bin/{argv[0]}"
     return argv
@@ -175,6 +175,7 @@ def render(spec: LaunchSpec) -> list[Rendered]:
     hw = check(spec)
     argv = host_argv(spec)
     context = {"spec": spec, "hw": hw, "argv": argv, "preempted": PREEMPTED_EXIT_CODE,
+               "bucket_run_dir": bucket_run_dir(spec),
                **CONTEXTS[spec.target](spec, hw, argv)}
     suffix = SUFFIXES[spec.target]
     text = _environment().get_template(f"{suffix}.j2").render(**context)

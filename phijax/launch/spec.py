@@ -57,6 +57,9 @@ class LaunchSpec:
     namespace: Optional[str] = None  # Kubernetes namespace (jobset, k8s-job)
     partition: Optional[str] = None  # SLURM partition
     time: Optional[str] = None  # SLURM time limit, e.g. 24:00:00
+    # gs://B or s3://B (a folder in it too): run.dir defaults to B/runs/NAME, for a training
+    # command that sets no run.dir=... of its own
+    bucket: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -151,15 +154,49 @@ def check(spec: LaunchSpec) -> Hardware:
         raise ConfigError("tpu-vm runs one copy of the job; for workers > 1 use xpk or jobset")
     if spec.workers > 1 and spec.slices > 1:
         raise ConfigError("give --slices or workers > 1, not both")
+    if spec.bucket is not None:
+        _check_bucket(spec)
     return hw
+
+
+def _check_bucket(spec: LaunchSpec) -> None:
+    from phijax.paths import is_url
+
+    if not is_url(spec.bucket):
+        raise ConfigError(f"--bucket {spec.bucket}: give gs://BUCKET or s3://BUCKET")
+    if _training_args(spec.command) is None:
+        raise ConfigError(f"--bucket sets run.dir of {'|'.join(TRAINING_COMMANDS)}, not of "
+                          f"`{' '.join(spec.command[:3])}`")
+
+
+def bucket_run_dir(spec: LaunchSpec) -> Optional[str]:
+    """BUCKET/runs/NAME, the run.dir --bucket gives a training command that sets none on its
+    command line; None without --bucket or when the command sets run.dir itself."""
+    if spec.bucket is None or _training_args(spec.command) is None or \
+            any(a.startswith("run.dir=") for a in spec.command[3:]):
+        return None
+    return f"{spec.bucket.rstrip('/')}/runs/{spec.name}"
+
+
+def host_command(spec: LaunchSpec) -> list[str]:
+    """`command`, with run.dir=BUCKET/runs/NAME added when --bucket gives it."""
+    run_dir = bucket_run_dir(spec)
+    return [*spec.command, f"run.dir={run_dir}"] if run_dir else list(spec.command)
+
+
+def _training_args(command: list[str]) -> Optional[list[str]]:
+    """The overrides of a `phijax train|sft|dpo CONFIG key=value ...` command (None for any
+    other command)."""
+    if len(command) < 3 or Path(command[0]).name != "phijax" or command[1] not in TRAINING_COMMANDS:
+        return None
+    return [a for a in command[3:] if "=" in a and not a.startswith("-")]
 
 
 def _training_config(command: list[str]):
     """The config of a `phijax train|sft|dpo CONFIG key=value ...` command, loaded and checked
     (None for any other command)."""
-    if len(command) < 3 or Path(command[0]).name != "phijax" or command[1] not in TRAINING_COMMANDS:
-        return None
-    return load_config(command[2], [a for a in command[3:] if "=" in a and not a.startswith("-")])
+    overrides = _training_args(command)
+    return None if overrides is None else load_config(command[2], overrides)
 
 
 def check_training(spec: LaunchSpec) -> list[str]:
@@ -169,7 +206,7 @@ def check_training(spec: LaunchSpec) -> list[str]:
     from phijax.paths import is_url  # etils: only once a config is checked
 
     hw = check(spec)
-    cfg = _training_config(spec.command)
+    cfg = _training_config(host_command(spec))
     if cfg is None:
         return []
     devices = hw.devices * spec.slices
@@ -187,6 +224,10 @@ def check_training(spec: LaunchSpec) -> list[str]:
                           f"run.distributed=on (JAX asks the metadata server): add "
                           f"run.distributed=on")
     run_dir = cfg.run.dir
+    if spec.target != "local" and hosts > 1 and hw.kind == "tpu" and not is_url(run_dir):
+        return [f"run.dir {run_dir} is a local path: the {hosts} hosts of a TPU slice share no "
+                f"file system (unless each mounts one there); give --bucket gs://BUCKET (run.dir "
+                f"gs://BUCKET/runs/{spec.name}) or run.dir=gs://..."]
     if spec.target != "local" and hosts > 1 and not is_url(run_dir) and \
             not Path(run_dir).expanduser().is_absolute():
         return [f"run.dir {run_dir} is relative: each of the {hosts} hosts resolves it in its own "

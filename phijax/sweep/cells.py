@@ -7,9 +7,10 @@
     train.yaml       the config the cell's `phijax train` runs; train.log its output
     ...              and what `phijax train` writes there (config.yaml, checkpoints/, metrics.jsonl)
 
-Claiming a cell creates locks/N+1, N being its newest lock, only if that file does not exist
-(os.open with O_CREAT | O_EXCL; an object store would use a create-if-absent write), so of two
-workers claiming at once exactly one wins. A lock is live until its owner releases it or stops
+The directory may be in a bucket (gs://, s3://): every file here is written whole, never
+appended or renamed, through phijax.paths. Claiming a cell creates locks/N+1, N being its newest
+lock, only if that name is free (`paths.create_if_absent`: a hard link locally, a conditional
+write on a bucket, checked by the store), so of two workers claiming at once exactly one wins. A lock is live until its owner releases it or stops
 rewriting its heartbeat for `stale_after` seconds; a claim over a stale lock takes the cell
 over, and the old owner, finding a newer lock at its next heartbeat, stops. Only the owner of
 the newest lock writes status.json and run.json. Heartbeats carry the writer's clock: the hosts
@@ -26,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from phijax import paths
 from phijax.errors import ConfigError
-from phijax.files import atomic_write
 from phijax.sweep.identity import differences
 
 STATES = ("pending", "running", "success", "failed")
@@ -52,16 +53,15 @@ def _dump(obj: dict) -> str:
 
 
 class CellDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | paths.AnyPath):
+        self.path = paths.as_path(path)
         self.locks = self.path / "locks"
 
     def _read(self, name: str) -> Optional[dict]:
-        path = self.path / name
-        if not path.is_file():
-            return None
         try:
-            return json.loads(path.read_text())
+            return json.loads(paths.read_text(self.path / name))
+        except (FileNotFoundError, IsADirectoryError):
+            return None
         except json.JSONDecodeError:
             raise ConfigError(f"cell {self.path}: {name} is not JSON") from None
 
@@ -82,7 +82,7 @@ class CellDir:
 
     def write_identity(self, doc: dict) -> None:
         self.check_identity(doc)
-        atomic_write(self.path / "cell.json", _dump(doc))
+        paths.write_text(self.path / "cell.json", _dump(doc))
 
     # ------------------------------------------------------------ status and run info
 
@@ -93,27 +93,28 @@ class CellDir:
 
     def write_status(self, **changes) -> dict:
         status = {**self.status(), **changes, "updated": time.time()}
-        atomic_write(self.path / "status.json", _dump(status))
+        paths.write_text(self.path / "status.json", _dump(status))
         return status
 
     def write_run(self, info: dict) -> None:
-        atomic_write(self.path / "run.json", _dump(info))
+        paths.write_text(self.path / "run.json", _dump(info))
 
     # ------------------------------------------------------------ locks
 
     def newest_lock(self) -> tuple[int, Optional[dict]]:
         """(number, contents) of the newest lock; (0, None) when there is none."""
-        numbers = [int(m.group(1)) for p in (self.locks.iterdir() if self.locks.is_dir() else ())
-                   if (m := re.fullmatch(r"(\d+)\.json", p.name))]
+        numbers = [int(m.group(1)) for name in paths.listdir(self.locks)
+                   if (m := re.fullmatch(r"(\d+)\.json", name))]
         if not numbers:
             return 0, None
         n = max(numbers)
         path = self.locks / f"{n:04d}.json"
         try:
-            return n, json.loads(path.read_text())
+            return n, json.loads(paths.read_text(path))
         except (json.JSONDecodeError, FileNotFoundError):  # being written: live since its mtime
-            mtime = path.stat().st_mtime if path.exists() else time.time()
-            return n, {"heartbeat": mtime, "released": False}
+            local = not paths.is_url(path) and path.exists()
+            return n, {"heartbeat": path.stat().st_mtime if local else time.time(),
+                       "released": False}
 
     def lock_state(self, stale_after: float) -> str:
         """free (no lock, or released), live, or stale."""
@@ -128,18 +129,10 @@ class CellDir:
         if previous is not None and not previous.get("released") and \
                 time.time() - previous.get("heartbeat", 0) <= stale_after:
             return None
-        self.locks.mkdir(parents=True, exist_ok=True)
         now = time.time()
         body = {**owner(), "claimed": now, "heartbeat": now, "released": False}
-        path = self.locks / f"{n + 1:04d}.json"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not paths.create_if_absent(self.locks / f"{n + 1:04d}.json", _dump(body)):
             return None
-        with os.fdopen(fd, "w") as f:
-            f.write(_dump(body))
-            f.flush()
-            os.fsync(f.fileno())
         stale = previous if previous is not None and not previous.get("released") else None
         return Lock(self, n + 1, body, stale)
 
@@ -160,10 +153,10 @@ class Lock:
         if not self.held():
             return False
         self.body["heartbeat"] = time.time()
-        atomic_write(self.path, _dump(self.body))
+        paths.write_text(self.path, _dump(self.body))
         return True
 
     def release(self) -> None:
         if self.held():
             self.body.update(released=True, heartbeat=time.time())
-            atomic_write(self.path, _dump(self.body))
+            paths.write_text(self.path, _dump(self.body))

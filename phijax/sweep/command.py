@@ -61,6 +61,9 @@ def _work(args) -> int:
 
 
 def _status(args) -> int:
+    import tempfile
+
+    from phijax import paths
     from phijax.sweep.report import format_status, plot
 
     spec, cells = _load(args.sweep)
@@ -68,8 +71,14 @@ def _status(args) -> int:
     if args.axis and not any(args.axis in c.values for c in cells):
         raise ConfigError(f"--axis {args.axis}: not a grid, zip or seed key of the sweep")
     print(format_status(spec, cells, args.stale_after, metrics))
-    target = Path(spec.root) / spec.name / "sweep.png" if args.plot is None else args.plot
-    if target:
+    target = paths.as_path(spec.root) / spec.name / "sweep.png" if args.plot is None \
+        else args.plot
+    if target and paths.is_url(target):  # drawn here, uploaded whole
+        with tempfile.TemporaryDirectory() as folder:
+            paths.upload(plot(spec, cells, Path(folder) / "sweep.png", args.axis, args.metric),
+                         target)
+        print(f"plot: {target}")
+    elif target:
         print(f"plot: {plot(spec, cells, target, args.axis, args.metric)}")
     return 0
 

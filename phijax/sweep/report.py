@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from phijax.files import save_figure
+from phijax import paths
 from phijax.sweep.cells import CellDir
 from phijax.sweep.spec import Cell, SweepSpec
 
@@ -44,13 +46,15 @@ def format_plan(spec: SweepSpec, cells: list[Cell], stale_after: float) -> str:
             _table(["cell", "hash", "state", "attempts", "directory"], rows))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (a torn last line, while it runs, left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl, local or in a bucket (a torn last line, while it
+    runs, left out)."""
+    try:
+        text = paths.read_text(paths.as_path(run_dir) / "metrics.jsonl")
+    except (FileNotFoundError, IsADirectoryError):
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -146,8 +150,4 @@ def plot(spec: SweepSpec, cells: list[Cell], path: str | Path, axis: Optional[st
     if groups:
         over.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -8,15 +8,21 @@ goes back to pending without counting as an attempt. SIGTERM or Ctrl-C to a work
 its run, which saves a checkpoint; the worker then exits with status 42 (retryable).
 
 A multi-host cell runs one worker per host; process 0 claims and the others follow (hosts.py).
+
+A run appends its output to the cell's train.log. In a bucket, which cannot append, it goes to a
+local copy of train.log instead, uploaded whole at each heartbeat and at the end by process 0
+(another host's output stays in a local file, named in its log).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,8 +30,8 @@ from typing import Optional
 
 import yaml
 
+from phijax import paths
 from phijax.config import to_dict
-from phijax.files import atomic_write
 from phijax.sweep.cells import CellDir, Lock, git_commit, owner
 from phijax.sweep.hosts import Hosts
 from phijax.sweep.spec import Cell, SweepSpec
@@ -131,9 +137,39 @@ def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the w
 def _prepare(spec: SweepSpec, cell: Cell) -> list[str]:
     """The cell's config file (and mixture) on disk; the command that trains it."""
     if cell.mixture is not None:
-        atomic_write(cell.dir / "mixture.yaml", yaml.safe_dump(cell.mixture, sort_keys=False))
-    atomic_write(cell.dir / "train.yaml", yaml.safe_dump(to_dict(cell.config), sort_keys=False))
+        paths.write_text(cell.dir / "mixture.yaml", yaml.safe_dump(cell.mixture, sort_keys=False))
+    paths.write_text(cell.dir / "train.yaml", yaml.safe_dump(to_dict(cell.config),
+                                                             sort_keys=False))
     return [sys.executable, "-m", "phijax", spec.command, str(cell.dir / "train.yaml")]
+
+
+class _RunLog:
+    """The file a run's output is appended to: the cell's train.log, or, for a cell in a bucket,
+    a local copy of it that `sync` uploads whole (when this process owns the cell)."""
+
+    def __init__(self, cell_dir, owned: bool):
+        self.target, self.owned = cell_dir / "train.log", owned
+        self.remote = paths.is_url(self.target)
+        if not self.remote:
+            self.local = Path(self.target)
+            return
+        fd, name = tempfile.mkstemp(prefix="phijax-train-", suffix=".log")
+        os.close(fd)
+        self.local = Path(name)
+        if owned:
+            with contextlib.suppress(FileNotFoundError):
+                self.local.write_bytes(paths.read_bytes(self.target))
+        else:
+            log.info("cell %s: this host's output goes to %s", cell_dir.name, self.local)
+
+    def sync(self) -> None:
+        if self.remote and self.owned:
+            paths.upload(self.local, self.target)
+
+    def close(self) -> None:
+        """Remove the local copy (once synced: another host's output is kept)."""
+        if self.remote and self.owned:
+            self.local.unlink(missing_ok=True)
 
 
 def _last_error(log_path: Path, rc: int) -> str:
@@ -162,7 +198,8 @@ def run_cell(spec: SweepSpec, cell: Cell, lock: Optional[Lock], opts: WorkOption
                 "lock": lock.number, "attempt": status["attempts"] + 1, "started": time.time()}
         d.write_run(info)
         log.info("cell %s: running `%s` (log %s)", cell.label, " ".join(argv), cell.dir / "train.log")
-    with open(cell.dir / "train.log", "ab") as out:
+    run_log = _RunLog(cell.dir, owned=lock is not None)
+    with open(run_log.local, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
                                 # not where JAX's threads run: a fork there may deadlock
@@ -183,22 +220,29 @@ def run_cell(spec: SweepSpec, cell: Cell, lock: Optional[Lock], opts: WorkOption
                 log.error("cell %s: taken over by another worker; stopping its run", cell.label)
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
+                run_log.close()
                 return "lost"
+            run_log.sync()
     if lock is None:
+        run_log.close()
         return "done"
-    return _record(d, cell, lock, rc, forwarded, info, opts.max_attempts)
+    try:
+        return _record(d, cell, lock, rc, forwarded, info, opts.max_attempts, run_log)
+    finally:
+        run_log.close()
 
 
 def _record(d: CellDir, cell: Cell, lock: Lock, rc: int, stopped: bool, info: dict,
-            max_attempts: int) -> str:
+            max_attempts: int, run_log: _RunLog) -> str:
     status = d.status()
-    complete = (cell.dir / "checkpoints" / str(cell.config.train.steps)).is_dir()
+    checkpoint = cell.dir / "checkpoints" / str(cell.config.train.steps)
+    complete = paths.exists(checkpoint) if paths.is_url(checkpoint) else checkpoint.is_dir()
     if rc == 0 and complete:
         outcome, changes = "success", {"state": "success"}  # last_error: of an earlier try
     elif rc == PREEMPTED or (stopped and rc in (0, -signal.SIGTERM)):
         outcome, changes = "pending", {"state": "pending", "preemptions": status["preemptions"] + 1}
     else:
-        error = _last_error(cell.dir / "train.log", rc) if rc else \
+        error = _last_error(run_log.local, rc) if rc else \
             f"exit status 0 without a checkpoint at step {cell.config.train.steps}"
         attempts = status["attempts"] + 1
         if rc == USER_ERROR:  # the same config fails the same way: fix it, then --retry-failed
@@ -206,6 +250,7 @@ def _record(d: CellDir, cell: Cell, lock: Lock, rc: int, stopped: bool, info: di
         outcome, changes = "failed", {"state": "failed", "attempts": attempts,
                                       "last_error": error}
     if lock.held():
+        run_log.sync()
         d.write_status(**changes)
         d.write_run({**info, "ended": time.time(), "exit_status": rc, "outcome": outcome})
         lock.release()

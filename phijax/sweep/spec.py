@@ -3,7 +3,7 @@ into cells, each a resolved and checked training config with its identity and di
 
     name: tiny-lr-batch                 # the sweep's directory under root
     base: configs/tiny.yaml             # the training config every cell starts from
-    root: runs/sweeps                   # cells live in root/name/<label>-<hash>
+    root: runs/sweeps                   # cells live in root/name/<label>-<hash> (or gs://B/sweeps)
     overrides: {train.steps: 200}       # dotted keys set in every cell
     grid:                               # the cartesian product of these lists
       optimizer.learning_rate: [1e-3, 3e-3]
@@ -14,7 +14,9 @@ into cells, each a resolved and checked training config with its identity and di
 
 A `mixture.NAME` key sets the share of source NAME in the mixture of `data.mixture` (0 drops
 the source); the cell then trains on its own copy of that mixture. Paths (`base`, `root`, and
-paths inside configs) are relative to the working directory, as for `phijax train`.
+paths inside configs) are relative to the working directory, as for `phijax train`. A `root` in a
+bucket (gs:// or s3://) holds everything of the sweep, cells' run directories included, so
+workers on machines that share no file system can share the sweep.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Any, Optional
 from phijax.config import Config, check_fields, from_dict, load, one_of, read_yaml, set_dotted, \
     validate
 from phijax.errors import ConfigError, UserError
+from phijax.paths import AnyPath, as_path
 from phijax.sweep.identity import cell_hash, check_unique, identity
 
 MIXTURE = "mixture."
@@ -58,7 +61,7 @@ class Cell:
     mixture: Optional[dict]  # the mixture mapping, when the sweep sets mixture shares
     identity: dict
     hash: str
-    dir: Path
+    dir: AnyPath  # a local Path, or an epath.Path when the sweep's root is a bucket
 
     @property
     def name(self) -> str:
@@ -176,7 +179,7 @@ def resolve_cell(spec: SweepSpec, base: dict, values: dict) -> Cell:
     except UserError as e:  # ConfigError, or DataError: a missing store or tokenizer
         raise type(e)(f"cell {label}: {e}") from None
     digest_ = cell_hash(ident)
-    cell_dir = Path(spec.root) / spec.name / f"{label}-{digest_}"
+    cell_dir = as_path(spec.root) / spec.name / f"{label}-{digest_}"
     cfg.run.dir = str(cell_dir)
     if mixture is not None and shares:
         cfg.data.mixture = str(cell_dir / "mixture.yaml")
