@@ -107,3 +107,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
         for row in rows:
             f.write(jsonl_line(row))
     return Path(path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG at `path` (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

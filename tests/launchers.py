@@ -15,10 +15,12 @@ The pod-0 DNS name xpk puts in JAX_COORDINATOR_ADDRESS is `localhost` here.
 import os
 import random
 import socket
+import signal
 import subprocess
 import sys
+import time
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, read_metrics
 
 STYLES = ("phijax", "slurm", "xpk-gpu", "xpk-cpu")
 SLURM_PORTS = 65535 - 2**12 + 1  # JAX's SLURM port: this + job id % 4096
@@ -103,3 +105,14 @@ def finish(procs, timeout: float) -> list[str]:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def signal_at_step(procs, run_dir, step: int, sig: signal.Signals, timeout: float = 300) -> None:
+    """Send `sig` to process 1 (the one that does not write the metrics) once the run in
+    `run_dir` has logged `step`, or give up when a process ends or `timeout` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if any(m["step"] >= step for m in read_metrics(run_dir)):
+            procs[1].send_signal(sig)
+            return
+        time.sleep(0.01)

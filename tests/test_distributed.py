@@ -11,7 +11,8 @@ import time
 import pytest
 
 from conftest import ROOT, free_port, read_metrics, run_cli
-from launchers import STYLES, finish, launcher_envs, port_is_free, start, start_two
+from launchers import (STYLES, finish, launcher_envs, port_is_free, signal_at_step, start,
+                       start_two)
 from phijax.errors import ConfigError
 from phijax.train.distributed import PREEMPTED_EXIT_CODE, Start, plan
 
@@ -205,12 +206,7 @@ def test_sigterm_to_one_host_saves_one_step_everywhere_exits_42_and_resumes_exac
     args = [TINY, *COMMON, f"run.dir={run}", f"data.cache_dir={cache_dir}"]
     envs = launcher_envs("slurm")
     procs = start_two(*args, envs=envs, devices=2)
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if any(m["step"] >= 2 for m in read_metrics(run)):
-            procs[1].send_signal(signal.SIGTERM)  # the process that does not write the metrics
-            break
-        time.sleep(0.01)
+    signal_at_step(procs, run, 2, signal.SIGTERM)
     outputs = finish(procs, 300)
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT_CODE] * 2 == [42, 42], outputs
     stopped = [int(re.search(r"stopped at step (\d+) after ", out).group(1)) for out in outputs]

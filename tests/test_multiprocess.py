@@ -3,12 +3,11 @@ them is interrupted. (Two processes training like one, under each launcher's env
 the preemption contract: tests/test_distributed.py.)"""
 import re
 import signal
-import time
 
 import pytest
 
 from conftest import ROOT, read_metrics
-from launchers import finish, start_two
+from launchers import finish, signal_at_step, start_two
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -19,12 +18,7 @@ def test_ctrl_c_to_one_process_stops_both_at_the_same_step(tmp_path):
     procs = start_two(TINY, "data.synthetic=true", "train.steps=500", "train.log_every=1",
                       "train.eval_every=1000", "checkpoint.every=1000", f"run.dir={run_dir}",
                       "mesh.fsdp=8")
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if any(m["step"] >= 3 for m in read_metrics(run_dir)):
-            procs[1].send_signal(signal.SIGINT)  # the process that does not write the metrics
-            break
-        time.sleep(0.01)
+    signal_at_step(procs, run_dir, 3, signal.SIGINT)
     outputs = finish(procs, 120)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out

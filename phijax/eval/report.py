@@ -16,7 +16,7 @@ from pathlib import Path
 
 from phijax import paths
 from phijax.errors import ConfigError
-from phijax.files import jsonl_line, read_jsonl
+from phijax.files import jsonl_line, read_jsonl, save_figure
 
 # The per-item field behind each metric (for paired differences).
 ITEM_SCORE = {"accuracy": "score", "acc": "score", "acc_norm": "score_norm",
@@ -117,8 +117,4 @@ def plot(rows: list[dict], labels: list[str], path: str | Path) -> Path:
     ax.set_ylabel("score")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
