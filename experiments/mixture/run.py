@@ -181,21 +181,26 @@ def write_sweep(cfg: MixtureExperiment, template: str, out: Path, tokenizer: str
     return path
 
 
-def check_tokens(cells, max_epochs: float) -> None:
-    """ConfigError naming the arm and source when an arm would repeat a source more than
-    `max_epochs` times (its tokens: steps x batch x seq_len x share)."""
+def check_tokens(cells) -> None:
+    """ConfigError naming the arm and source when an arm would repeat a source more than its
+    mixture's `max_epochs` times (`phijax.data.mixture.plan` over steps x batch x seq_len)."""
+    from phijax.config import from_dict
+    from phijax.data.mixture import MixtureConfig, plan
     from phijax.data.store import TokenStore
     for cell in cells:
+        if not cell.mixture:
+            continue
+        mixture = from_dict(MixtureConfig, cell.mixture)
         t = cell.config.train
         total = t.steps * t.batch_size * cell.config.data.seq_len
-        for s in (cell.mixture or {}).get("sources", []):
-            unique = len(TokenStore(s["store"]))
-            if s["share"] * total > max_epochs * unique:
+        counts = {s.name: len(TokenStore(s.store)) for s in mixture.sources}
+        for row in plan(mixture, total, counts):
+            if row["warning"]:
                 raise ConfigError(
-                    f"arm {cell.label}: source {s['name']} has {unique} tokens; "
-                    f"{s['share'] * total:.0f} tokens ({s['share']:g} of {total}) repeat it "
-                    f"{s['share'] * total / unique:.1f} times, more than max_epochs {max_epochs:g};"
-                    f" lower --steps or make more data")
+                    f"arm {cell.label}: source {row['source']} has {row['unique_tokens']} "
+                    f"tokens; {row['tokens_seen']:.0f} tokens ({row['share']:g} of {total}) "
+                    f"repeat it {row['epochs']:.1f} times, more than max_epochs "
+                    f"{mixture.max_epochs:g}; lower --steps or make more data")
 
 
 def run_sweep(path: Path) -> list:
@@ -206,17 +211,13 @@ def run_sweep(path: Path) -> list:
     spec = load_sweep(path)
     cells = expand(spec, path)
     opts = WorkOptions(max_attempts=1, wait=False, poll=1.0)
-    check_tokens(cells, _max_epochs(cells))
+    check_tokens(cells)
     rc = run_local(str(path), spec, cells, opts, workers=1)
     failed = [c.label for c in cells if cell_state(c, opts.stale_after)["state"] != "success"]
     if rc or failed:
         raise DataError(f"sweep {path}: cells not trained: {', '.join(failed) or rc}; see each "
                         f"cell's train.log under {spec.root}/{spec.name}")
     return cells
-
-
-def _max_epochs(cells) -> float:
-    return float(next((c.mixture.get("max_epochs", 20.0) for c in cells if c.mixture), 20.0))
 
 
 # ---------------------------------------------------------------- 5. eval, 6. table
