@@ -113,6 +113,55 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def open_read(path: str | os.PathLike):
+    """A seekable binary file object for reading; on a bucket, reads are ranged requests of
+    fsspec's block size (a seek does not download what it skips)."""
+    if not is_url(path):
+        return open(path, "rb")
+    fs, key = filesystem(path)
+    return fs.open(key, "rb")
+
+
+def stamp(path: str | os.PathLike) -> tuple:
+    """(size in bytes, version) of a file or object: its modification time locally, its ETag or
+    generation on a bucket; a rewritten file gets a new stamp."""
+    if not is_url(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    fs, key = filesystem(path)
+    fs.invalidate_cache(key)
+    info = fs.info(key)
+    version = info.get("ETag") or info.get("generation") or info.get("etag") or \
+        str(info.get("LastModified") or info.get("updated") or "")
+    return int(info["size"]), str(version).strip('"')
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    """A local directory, or a prefix with objects under it."""
+    if not is_url(path):
+        return as_path(path).is_dir()
+    fs, key = filesystem(path)
+    fs.invalidate_cache(key)
+    return fs.isdir(key)
+
+
+def files_under(path: str | os.PathLike, glob: str | None = None) -> list[str]:
+    """The files of a directory or prefix matching `glob` (default every file, recursively),
+    sorted; a file is its own list. URLs come back as URLs."""
+    if not is_url(path):
+        local = as_path(path)
+        if not local.is_dir():
+            return [str(path)]
+        return sorted(str(p) for p in local.glob(glob or "**/*") if p.is_file())
+    fs, key = filesystem(path)
+    fs.invalidate_cache(key)
+    if not fs.isdir(key):
+        return [str(path).rstrip("/")]
+    scheme = str(path).split("://", 1)[0]
+    found = fs.glob(f"{key}/{glob}") if glob else fs.find(key)
+    return sorted(f"{scheme}://{k}" for k in found if not fs.isdir(k))
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> AnyPath:
     """Replace `path` whole: a reader (or a run killed at any instant) sees the old content or
     the new, never part of it. On a bucket, one object upload; locally, a temporary file beside

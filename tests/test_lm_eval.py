@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, free_port
+from object_stores import object_store, s3_server  # noqa: F401 - fixtures
 
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 pytest.importorskip("lm_eval", reason="lm-eval[api] comes with the dev extra")
@@ -166,3 +167,23 @@ def test_lm_eval_needs_its_include_folder_to_exist(tiny_run, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == \
         f"phijax: error: --lm-eval-include {tmp_path / 'no'} is not a directory of task YAMLs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("object_store", ["s3"], indirect=True)
+def test_phijax_eval_lm_eval_writes_its_outputs_to_a_bucket(tiny_run, object_store, tmp_path):
+    from phijax import paths
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    out = subprocess.run([sys.executable, "-m", "phijax", "eval", str(tiny_run), "--lm-eval",
+                          "phijax_choice", "--lm-eval-include", str(TASKS), "--out",
+                          f"{object_store}/eval", "--limit", "2"],
+                         cwd=TASKS, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    fs, root = paths.filesystem(f"{object_store}/eval/lm_eval")
+    files = fs.find(root)
+    (saved,) = [f for f in files if f.rsplit("/", 1)[-1].startswith("results_")]
+    assert json.loads(fs.cat_file(saved))["results"] == results
+    assert any("samples_phijax_choice" in f for f in files)

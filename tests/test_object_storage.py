@@ -227,3 +227,79 @@ def test_a_sweep_in_a_bucket_shared_by_two_workers_runs_each_cell_once(object_st
     status = run_cli("sweep", "status", sweep, "--metrics", "loss").stdout
     assert status.count("success") == 2 and " - " not in status, status  # losses read back
     assert paths.exists(f"{root}/sweep.png")
+
+
+def corpus_folder(root: Path) -> Path:
+    """One file of each format the readers take: JSONL (cut in byte ranges), .jsonl.zst,
+    parquet (two row groups), WARC.gz, and a folder of HTML and markdown files."""
+    from corpus_fixtures import jsonl_bytes, page, write_parquet, write_warc, write_zst
+    rows = [{"text": f"document {i} " + "words " * (i % 7), "n": i} for i in range(40)]
+    (root / "pages").mkdir(parents=True)
+    (root / "a.jsonl").write_bytes(jsonl_bytes(rows[:20]))
+    write_zst(root / "b.jsonl.zst", [jsonl_bytes(rows[20:25]), jsonl_bytes(rows[25:30])])
+    write_parquet(root / "c.parquet", rows[30:], row_group_size=5)
+    write_warc(root / "d.warc.gz", [(f"https://example.com/{i}",
+                                     page(f"Page {i}", "text " * 30).encode(), "text/html")
+                                    for i in range(3)])
+    (root / "pages" / "x.html").write_text(page("X", "the x page"))
+    (root / "pages" / "y.md").write_text("# Y\n\nthe y notes\n")
+    return root
+
+
+def test_corpus_files_in_a_bucket_read_as_the_local_ones_and_tokenize_there(object_store,
+                                                                            tokenizer, tmp_path):
+    """Every reader reads gs:// and s3:// in place: the same shards and records, named by URL;
+    `phijax data tokenize` from a bucket prefix into the bucket gives the local store's tokens."""
+    from phijax.data.readers import Skipped, plan_files, read_shard
+    from phijax.data.store import TokenStore
+
+    local = corpus_folder(tmp_path / "corpus")
+    url = f"{object_store}/corpus"
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        paths.upload(file, f"{url}/{file.relative_to(local).as_posix()}")
+
+    def records(root):
+        skipped = Skipped(strict=True)
+        shards = plan_files(root, None, 200, skipped)
+        found = [(r.id.replace(str(root), "ROOT"), r.text, r.raw, r.content_type, r.metadata)
+                 for s in shards for r in read_shard(s, "text", skipped)]
+        return [s.kind for s in shards], found
+
+    kinds, here = records(str(local))
+    assert records(url) == (kinds, here)
+    assert kinds.count("jsonl") > 2 and kinds.count("parquet") == 2 and "warc" in kinds
+    assert len(here) == 45 and ("ROOT/pages/x.html", None) == here[-2][:2]
+
+    out = run_cli("data", "tokenize", url, "--tokenizer", tokenizer.path, "--out",
+                  f"{object_store}/stores/corpus", "--workers", "1")
+    assert "45 documents" in out.stdout
+    run_cli("data", "tokenize", local, "--tokenizer", tokenizer.path, "--out", tmp_path / "s",
+            "--workers", "1")
+    remote, there = TokenStore(f"{object_store}/stores/corpus"), TokenStore(tmp_path / "s")
+    assert remote.manifest["tokens"] == there.manifest["tokens"]
+    np.testing.assert_array_equal(remote.read(0, len(there)), there.read(0, len(there)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("object_store", ["s3"], indirect=True)
+def test_dpo_from_a_checkpoint_and_pairs_in_a_bucket_stores_its_reference_there(object_store):
+    """run.init_from, dpo.pairs and run.dir all URLs: the reference log-probs are computed once
+    and kept beside the pairs in the bucket, and a longer rerun reads them back."""
+    base, run = f"{object_store}/runs/base", f"{object_store}/runs/dpo"
+    run_cli("train", TINY, "data.synthetic=true", "train.steps=2", "checkpoint.every=2",
+            "train.eval_every=1000", f"run.dir={base}")
+    rng = np.random.default_rng(0)
+    pairs = "".join(json.dumps({"id": i, "prompt_ids": rng.integers(3, 200, 6).tolist(),
+                                "chosen_ids": rng.integers(3, 200, 3).tolist(),
+                                "rejected_ids": rng.integers(3, 200, 3).tolist()}) + "\n"
+                    for i in range(16))
+    paths.write_text(f"{object_store}/pairs/pairs.jsonl", pairs)
+    common = (f"run.init_from={base}", f"dpo.pairs={object_store}/pairs/pairs.jsonl",
+              f"run.dir={run}", "train.batch_size=4", "train.log_every=1", "train.eval_every=100",
+              "data.eval_fraction=0", "checkpoint.every=2")
+    first = run_cli("dpo", TINY, "train.steps=2", *common)
+    assert "reference log-probs: computing for 16 pairs" in first.stderr
+    assert paths.exists(f"{object_store}/pairs/pairs.jsonl.ref.npz")
+    again = run_cli("dpo", TINY, "train.steps=4", *common)
+    assert "(stored; not recomputed)" in again.stderr and "computing" not in again.stderr
+    assert sorted(losses(paths.read_text(f"{run}/metrics.jsonl"))) == [1, 2, 3, 4]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from phijax import paths
 from phijax.data.readers import Record, Shard, Skipped, list_files, plan_files
 from phijax.data.readers import read_shard as read_records
 from phijax.data.tokenizer import chat_error, render_chat
@@ -41,7 +42,7 @@ def check_specs(specs: list[str], what: str = "data.corpus:") -> None:
             if spec not in BUILTINS:
                 raise ConfigError(f"{what} {spec!r} is not an embedded corpus; "
                                   f"choose from {', '.join(BUILTINS)}")
-        elif not Path(spec).exists():
+        elif not paths.exists(spec):
             raise ConfigError(f"{what} {spec} does not exist")
 
 
@@ -52,8 +53,8 @@ def _topics() -> dict:
 
 def default_shard_bytes(specs: list[str], glob: str | None) -> int:
     """About 64 shards per corpus (so the last ones keep every worker busy), 256 KB to 64 MB."""
-    total = sum(f.stat().st_size for s in specs if not s.startswith("builtin:")
-                for f in list_files(Path(s), glob))
+    total = sum(paths.stamp(f)[0] for s in specs if not s.startswith("builtin:")
+                for f in list_files(s, glob))
     return int(min(max(total // 64, 256 << 10), 64 << 20))
 
 

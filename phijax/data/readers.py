@@ -29,6 +29,7 @@ from typing import Iterator
 
 from phijax.data.records import MAGIC, Record, Skipped, open_file, resync
 from phijax.data.warc import read_warc
+from phijax import paths
 from phijax.errors import ConfigError
 
 __all__ = ["Record", "Shard", "Skipped", "file_kind", "list_files", "plan_files", "read_shard"]
@@ -53,9 +54,9 @@ class Shard:
         return asdict(self)
 
 
-def file_kind(path: Path) -> str:
+def file_kind(path: str | Path) -> str:
     """How a file is read: "jsonl", "parquet", "warc" or "files" (one document)."""
-    name = path.name.lower()
+    name = str(path).rsplit("/", 1)[-1].lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -71,12 +72,12 @@ def _compression(path: str) -> str | None:
 
 # ---------------------------------------------------------------- planning
 
-def _jsonl_shards(path: Path, shard_bytes: int) -> list[Shard]:
-    size = path.stat().st_size
+def _jsonl_shards(path: str, shard_bytes: int) -> list[Shard]:
+    size = paths.stamp(path)[0]
     if _compression(str(path)):
         return [Shard("jsonl", (str(path),), size=size)]
     shards, start, line = [], 0, 1
-    with open(path, "rb") as f:
+    with paths.open_read(path) as f:
         while start < size:
             f.seek(min(start + shard_bytes, size))
             if f.tell() < size:
@@ -101,10 +102,11 @@ def _pyarrow_parquet():
     return pq
 
 
-def _parquet_shards(path: Path, skipped: Skipped) -> list[Shard]:
+def _parquet_shards(path: str, skipped: Skipped) -> list[Shard]:
     pq = _pyarrow_parquet()
     try:
-        meta = pq.ParquetFile(path).metadata
+        with paths.open_read(path) as f:
+            meta = pq.ParquetFile(f).metadata
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line, the run goes on
         skipped.add(f"cannot open ({type(e).__name__}: {e})", str(path))
         return []
@@ -117,11 +119,11 @@ def _parquet_shards(path: Path, skipped: Skipped) -> list[Shard]:
     return shards
 
 
-def _file_shards(files: list[Path], root: Path, shard_bytes: int) -> list[Shard]:
+def _file_shards(files: list[str], root: str, shard_bytes: int) -> list[Shard]:
     shards, group, size = [], [], 0
     for file in files:
         group.append(str(file))
-        size += file.stat().st_size
+        size += paths.stamp(file)[0]
         if size >= shard_bytes:
             shards.append(Shard("files", tuple(group), root=str(root), size=size))
             group, size = [], 0
@@ -130,23 +132,25 @@ def _file_shards(files: list[Path], root: Path, shard_bytes: int) -> list[Shard]
     return shards
 
 
-def list_files(path: Path, glob: str | None) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.glob(glob or "**/*") if p.is_file())
-    return [path]
+def list_files(path: str | Path, glob: str | None) -> list[str]:
+    """The files of a directory, prefix or file, local or gs:// / s3:// (`paths.files_under`)."""
+    return paths.files_under(path, glob)
 
 
 def plan_files(path: str | Path, glob: str | None, shard_bytes: int,
                skipped: Skipped | None = None) -> list[Shard]:
     """The shards of a file or directory (`glob` picks a directory's files), in a fixed order:
     JSONL, parquet, WARC, then the other files in groups of about `shard_bytes`. A parquet file
-    that cannot be opened is counted in `skipped` and has no shards."""
-    path, skipped = Path(path), skipped if skipped is not None else Skipped()
-    files, root = list_files(path, glob), (path if path.is_dir() else path.parent)
+    that cannot be opened is counted in `skipped` and has no shards. A gs:// or s3:// URL is read
+    in place, windows as ranged reads."""
+    path, skipped = str(path).rstrip("/") or str(path), skipped if skipped is not None else Skipped()
+    files = list_files(path, glob)
+    root = path if paths.is_dir(path) else \
+        path.rsplit("/", 1)[0] if paths.is_url(path) else str(Path(path).parent)
     kinds = {f: file_kind(f) for f in files}
     shards = [s for f in files if kinds[f] == "jsonl" for s in _jsonl_shards(f, shard_bytes)]
     shards += [s for f in files if kinds[f] == "parquet" for s in _parquet_shards(f, skipped)]
-    shards += [Shard("warc", (str(f),), size=f.stat().st_size) for f in files
+    shards += [Shard("warc", (str(f),), size=paths.stamp(f)[0]) for f in files
                if kinds[f] == "warc"]
     return shards + _file_shards([f for f in files if kinds[f] == "files"], root, shard_bytes)
 
@@ -283,31 +287,30 @@ def _read_parquet(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[R
     pq = _pyarrow_parquet()
     path, row = shard.paths[0], shard.line
     try:
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            skipped.add(f"no column {text_field!r}", f"{path}#{row}")
-            return
-        batches = pf.iter_batches(batch_size=1024, row_groups=[shard.start])
-        for batch in batches:
-            for obj in batch.to_pylist():
-                record = _text_record(obj, text_field, f"{path}#{row}", skipped)
-                row += 1
-                if record is not None:
-                    yield record
+        with paths.open_read(path) as f:
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                skipped.add(f"no column {text_field!r}", f"{path}#{row}")
+                return
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[shard.start]):
+                for obj in batch.to_pylist():
+                    record = _text_record(obj, text_field, f"{path}#{row}", skipped)
+                    row += 1
+                    if record is not None:
+                        yield record
     except (OSError, ValueError) as e:  # pyarrow's errors for unreadable pages
         skipped.add(f"unreadable row group ({type(e).__name__}: {e})", f"{path}#{row}")
 
 
 def _read_files(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Record]:
-    import os
     for file in shard.paths:
         try:
-            data = Path(file).read_bytes()
+            data = paths.read_bytes(file)
         except OSError as e:
-            skipped.add(f"cannot open ({e.strerror})", file)
+            skipped.add(f"cannot open ({e.strerror or e})", file)
             continue
         suffix = Path(file).suffix.lower()
-        meta = {"path": os.path.relpath(file, shard.root)}
+        meta = {"path": _relative(file, shard.root)}
         if suffix in RAW_TYPES:
             yield Record(file, raw=data, content_type=RAW_TYPES[suffix], metadata=meta)
             continue
@@ -321,6 +324,13 @@ def _read_files(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Rec
                          metadata=meta)
         else:
             skipped.add("empty text", file)
+
+
+def _relative(file: str, root: str) -> str:
+    if paths.is_url(file):
+        return file[len(root):].lstrip("/") if file.startswith(root + "/") else file
+    import os
+    return os.path.relpath(file, root)
 
 
 def _read_warc(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Record]:

@@ -46,10 +46,12 @@ class Record:
 
 
 def open_file(path: str, skipped: Skipped):
+    """The file (or gs:// / s3:// object) open for reading, or None counted in `skipped`."""
+    from phijax.paths import open_read
     try:
-        return open(path, "rb")
+        return open_read(path)
     except OSError as e:
-        return skipped.add(f"cannot open ({e.strerror})", path)
+        return skipped.add(f"cannot open ({e.strerror or e})", path)
 
 
 def resync(f, after: int, magic: bytes) -> int | None:

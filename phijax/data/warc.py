@@ -83,7 +83,7 @@ def read_warc(path: str, skipped: Skipped) -> Iterator[Record]:
                     out = _record(record, f"{path}@{offset}", skipped) if wanted else None
                     if out is not None:
                         yield out
-                if end < os.fstat(f.fileno()).st_size:  # warcio stops quietly in a cut member
+                if end < f.seek(0, os.SEEK_END):  # warcio stops quietly in a cut member
                     skipped.add("truncated WARC data", f"{path}@{end}")
                 return
             except Exception as e:  # noqa: BLE001 - warcio's and zlib's errors: skip ahead

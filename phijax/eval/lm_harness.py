@@ -6,7 +6,8 @@ so its output and progress bars stream as they come), with the server's tokenize
 as its tokenizer (`tokenizer_backend=remote`) and token-id prompts. Any task lm-eval knows, or
 finds under `--lm-eval-include`, runs if its data is on this machine (lm-eval reads through
 Hugging Face `datasets`; offline, a task's `dataset_kwargs.data_files` are local paths,
-relative to the working directory). lm-eval's own results and samples land in `OUT/lm_eval/`.
+relative to the working directory). lm-eval's own results and samples land in `OUT/lm_eval/`
+(for a gs:// or s3:// OUT, written locally first and uploaded when lm-eval has finished).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
+from phijax import paths
 from phijax.errors import ConfigError, DataError
 
 log = logging.getLogger("phijax.eval")
@@ -59,7 +62,12 @@ def run_lm_eval(run_dir, tasks: str, out=None, limit: int | None = None,
         raise ConfigError(f"--lm-eval-include {include} is not a directory of task YAMLs")
     from phijax.serve import make_server
 
-    out = Path(out or Path(run_dir) / "eval") / "lm_eval"
+    base = str(out) if out else f"{str(run_dir).rstrip('/')}/eval"
+    target = f"{base.rstrip('/')}/lm_eval"
+    if paths.is_url(target):
+        paths.check_writable(target, "--out")
+    out = Path(tempfile.mkdtemp(prefix="phijax-lm-eval-")) if paths.is_url(target) else \
+        Path(target)
     server = make_server(run_dir, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -75,7 +83,12 @@ def run_lm_eval(run_dir, tasks: str, out=None, limit: int | None = None,
     if code != 0:
         raise DataError(f"lm-eval exited with status {code} on tasks {tasks} (its output is "
                         f"above)")
-    return _results(out)
+    results = _results(out)
+    if paths.is_url(target):
+        for file in sorted(p for p in out.rglob("*") if p.is_file()):
+            paths.upload(file, f"{target}/{file.relative_to(out).as_posix()}")
+        log.info("lm-eval's results and samples: %s", target)
+    return results
 
 
 def format_lm_eval(results: dict) -> str:

