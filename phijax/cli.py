@@ -174,9 +174,17 @@ def _data_tokenize(args) -> int:
     check_specs(args.inputs)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.stale_after <= 0 or args.poll <= 0:
+        raise ConfigError("--stale-after and --poll must be positive")
     tokenizer = Tokenizer(args.tokenizer)
-    store = TokenStore(build_store(args.inputs, tokenizer, args.out, args.text_field, args.glob,
-                                   args.workers))
+    if args.shared:
+        from phijax.data.store_workers import build_store_shared
+        built = build_store_shared(args.inputs, tokenizer, args.out, args.text_field, args.glob,
+                                   args.workers, args.stale_after, args.poll)
+    else:
+        built = build_store(args.inputs, tokenizer, args.out, args.text_field, args.glob,
+                            args.workers)
+    store = TokenStore(built)
     m = store.manifest
     print(f"{store.path}: {m['documents']:,} documents ({m['chat_documents']:,} chats), "
           f"{m['tokens']:,} tokens")
@@ -306,6 +314,15 @@ def _add_data_commands(sub) -> None:
     s.add_argument("--text-field", default="text", help="JSONL text field (else `messages`)")
     s.add_argument("--glob", help="files of an input directory to read, e.g. '**/*.py'")
     s.add_argument("--workers", type=int, help="processes (default: every core)")
+    s.add_argument("--shared", action="store_true",
+                   help="one of any number of workers, on any machines, running this command "
+                   "with the same --out (a bucket, or a shared file system): they claim shards, "
+                   "take over a killed worker's, and one assembles the store")
+    s.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
+                   help="with --shared: a claim whose heartbeat is older than this is taken over")
+    s.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
+                   help="with --shared: seconds between looks while other workers hold the "
+                   "last shards")
     s.set_defaults(fn=_data_tokenize)
     s = data.add_parser("report", help="plan a mixture: tokens seen and epochs per source")
     s.add_argument("mixture", help="mixture YAML, e.g. configs/mixtures/phi-4.yaml")

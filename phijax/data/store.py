@@ -18,11 +18,15 @@ OUT may be a gs:// or s3:// URL: the part files then stay in a local temporary d
 the arrays are written straight into the bucket (which has no rename), manifest.json last: until
 it is there the URL is not a store. Reads of a store in a bucket are ranged reads of its objects.
 
+`phijax data tokenize --shared` builds one store with workers on many machines instead
+(store_workers.py), from the same part files and assembly.
+
 `TokenStore.select(n)` gives a store's documents of at least n tokens as a store of their own
 (`DocumentSubset`), from the offsets alone: nothing is tokenized again.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing
@@ -94,7 +98,7 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
     texts = [d.text for d in docs if d.messages is None]
     encoded = iter(tokenizer.encode_arrays(texts) if texts else [])
     eos = np.array([tokenizer.eos_id], np.int32)
-    pieces, lengths, masks, paths, chats = [], [], {}, [], 0
+    pieces, lengths, masks, doc_paths, chats = [], [], {}, [], 0
     for k, doc in enumerate(docs):
         if doc.messages is None:
             ids = next(encoded)
@@ -104,26 +108,42 @@ def _tokenize_shard(shard: Shard, tokenizer_path: str, text_field: str, part: st
             chats += 1
         pieces += [np.asarray(ids, np.int32), eos]
         lengths.append(len(ids) + 1)
-        paths.append(doc.path)
+        doc_paths.append(doc.path)
     lengths = np.array(lengths, np.int64)
     tokens = np.concatenate(pieces).astype(np.uint32) if pieces else np.zeros(0, np.uint32)
     mask = np.zeros(0, np.uint8)
     if chats:  # text documents in a store with chats train on every token
         mask = np.concatenate([masks.get(k, np.ones(n, np.uint8)) for k, n in enumerate(lengths)])
-    with atomic_open(part + ".npz") as f:
-        np.savez(f, tokens=tokens, lengths=lengths, mask=mask)
+    _save_part(part + ".npz", tokens=tokens, lengths=lengths, mask=mask)
     summary = {"documents": len(docs), "tokens": int(lengths.sum()), "chats": chats,
                "skipped": {"counts": skipped.counts, "examples": skipped.examples},
-               "paths": paths if any(p is not None for p in paths) else None}
-    atomic_write(part + ".json", json.dumps(summary))
+               "paths": doc_paths if any(p is not None for p in doc_paths) else None}
+    paths.write_text(part + ".json", json.dumps(summary))
     return summary
+
+
+def _save_part(path: str, **arrays) -> None:
+    """An .npz written whole: locally through a temporary file, on a bucket as one object."""
+    if not paths.is_url(path):
+        with atomic_open(path) as f:
+            np.savez(f, **arrays)
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    paths.write_bytes(path, buffer.getvalue())
+
+
+def _load_part(path) -> dict[str, np.ndarray]:
+    source = io.BytesIO(paths.read_bytes(path)) if paths.is_url(path) else path
+    with np.load(source) as part:
+        return {name: part[name] for name in part.files}
 
 
 def _plan_key(shards: list[Shard], tokenizer: Tokenizer, text_field: str) -> str:
     stamp = []
     for s in shards:
         stamp.append(s.to_dict())
-        stamp.append([(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in s.paths])
+        stamp.append([paths.stamp(p) for p in s.paths])
     return digest(FORMAT, tokenizer.hash, text_field, stamp)
 
 
@@ -143,8 +163,7 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
     if not shards:
         raise DataError(f"{what}: {' '.join(specs)} holds no documents")
     key = _plan_key(shards, tokenizer, text_field)
-    if paths.exists(out / "manifest.json") and \
-            json.loads(paths.read_text(out / "manifest.json")).get("plan") == key:
+    if is_built(out, key):
         log.info("store %s is up to date", out)
         _add_max_id(out)
         return out
@@ -184,7 +203,17 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     bar.close()
-    return _assemble(work, out, len(shards), tokenizer, key, what)
+    _assemble(parts, work / "store", out, len(shards), tokenizer, key, what)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def is_built(out, key: str) -> bool:
+    """Whether `out` holds the complete store of the plan `key`."""
+    try:
+        return json.loads(paths.read_text(out / "manifest.json")).get("plan") == key
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _work_dir(out) -> Path:
@@ -196,8 +225,11 @@ def _work_dir(out) -> Path:
         f"{out.name}-{digest(str(out), length=12)}.partial"
 
 
-def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, what: str) -> Path:
-    summaries = [json.loads((work / "parts" / f"{i:06d}.json").read_text()) for i in range(n)]
+def _assemble(parts, new: Path, out, n: int, tokenizer: Tokenizer, key: str, what: str) -> None:
+    """Write the store of the `n` parts in `parts` (a local path or a URL) to `out`, through
+    `new`, a local directory for the files written whole (all of the store for a local `out`,
+    renamed into place at the end; it must be on `out`'s file system)."""
+    summaries = [json.loads(paths.read_text(parts / f"{i:06d}.json")) for i in range(n)]
     documents = sum(s["documents"] for s in summaries)
     total = sum(s["tokens"] for s in summaries)
     chats = sum(s["chats"] for s in summaries)
@@ -206,9 +238,8 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
     skipped = Skipped()
     for s in summaries:
         skipped.merge(s["skipped"])
-    new = work / "store"
     shutil.rmtree(new, ignore_errors=True)
-    new.mkdir()
+    new.mkdir(parents=True)
     arrays = out if paths.is_url(out) else new  # a bucket has no rename: written in place
     if paths.is_url(out):
         paths.remove(out / "manifest.json")  # not a store from here until its new manifest
@@ -218,14 +249,14 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
         columns["mask"] = _Column(arrays / "loss_mask", "uint8", total)
     lengths, max_id = [], -1
     for i in range(n):
-        with np.load(work / "parts" / f"{i:06d}.npz") as part:
-            columns["tokens"].append(part["tokens"])
-            if part["tokens"].size:
-                max_id = max(max_id, int(part["tokens"].max()))
-            if chats:  # a shard without chats trains on every token
-                columns["mask"].append(part["mask"] if part["mask"].size
-                                       else np.ones(part["tokens"].size, np.uint8))
-            lengths.append(part["lengths"])
+        part = _load_part(parts / f"{i:06d}.npz")
+        columns["tokens"].append(part["tokens"])
+        if part["tokens"].size:
+            max_id = max(max_id, int(part["tokens"].max()))
+        if chats:  # a shard without chats trains on every token
+            columns["mask"].append(part["mask"] if part["mask"].size
+                                   else np.ones(part["tokens"].size, np.uint8))
+        lengths.append(part["lengths"])
     for column in columns.values():
         column.append(np.zeros(0), final=True)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
@@ -244,16 +275,13 @@ def _assemble(work: Path, out: Path, n: int, tokenizer: Tokenizer, key: str, wha
         for name in ("metadata.jsonl", "manifest.json"):  # the manifest last
             if (new / name).is_file():
                 paths.upload(new / name, out / name)
-        shutil.rmtree(work, ignore_errors=True)
-        return out
+        return
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     new.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _add_max_id(path: Path) -> None:
