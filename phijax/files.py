@@ -63,8 +63,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; DataError naming `file:line` for a line
     that is not a JSON object. `path`: a local path, or a path object with pathlib's methods
-    (`phijax.paths.as_path` of a bucket's URL)."""
-    path = Path(path) if isinstance(path, str) else path
+    (`phijax.paths.as_path` of a bucket's URL), or a gs:// / s3:// URL."""
+    if isinstance(path, str):
+        from phijax.paths import as_path  # phijax.paths writes through this module
+        path = as_path(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     with path.open("rb") as f:

@@ -303,3 +303,40 @@ def test_dpo_from_a_checkpoint_and_pairs_in_a_bucket_stores_its_reference_there(
     again = run_cli("dpo", TINY, "train.steps=4", *common)
     assert "(stored; not recomputed)" in again.stderr and "computing" not in again.stderr
     assert sorted(losses(paths.read_text(f"{run}/metrics.jsonl"))) == [1, 2, 3, 4]
+
+
+def test_a_pipeline_reads_its_seeds_from_a_bucket(object_store, tmp_path):
+    """`input:` a URL: the seeds are read from the bucket (copied once at load), the run is the
+    one a local input gives, and a rerun resumes it."""
+    import asyncio
+
+    from teacher_server import secret_env, start_server
+    from tools.pipeline import load_pipeline, read_records, run_pipeline
+    seeds = "".join(json.dumps({"id": f"s{i}", "question": f"what is {i}+{i}?"}) + "\n"
+                    for i in range(12))
+    paths.write_text(f"{object_store}/seeds.jsonl", seeds)
+    (tmp_path / "seeds.jsonl").write_text(seeds)
+    server = start_server(fault_rate=0.0, seed=1)
+
+    def run(input, out):
+        raw = {"teacher": {"base_url": server.url, "model": "echo-model",
+                           "api_key_env": "PHIJAX_TEST_BUCKET_KEY"},
+               "input": input, "output": str(out), "shards": 2,
+               "stages": [{"name": "answer", "type": "prompt", "template": "Q: {question}",
+                           "output_field": "answer"}]}
+        return asyncio.run(run_pipeline(load_pipeline(raw=raw), progress=False))
+
+    try:
+        with secret_env("PHIJAX_TEST_BUCKET_KEY"):
+            first = run(f"{object_store}/seeds.jsonl", tmp_path / "remote")
+            run(str(tmp_path / "seeds.jsonl"), tmp_path / "local")
+            again = run(f"{object_store}/seeds.jsonl", tmp_path / "remote")
+    finally:
+        server.stop()
+    answers = {r["id"]: r["answer"] for r in read_records(tmp_path / "remote")}
+    assert first["seeds_ok"] == 12 and again["this_run"]["skipped"] == 12
+    assert answers == {r["id"]: r["answer"] for r in read_records(tmp_path / "local")}
+    bad = f"{object_store}/no-such-seeds.jsonl"
+    with pytest.raises(Exception, match=f"input: file {bad} does not exist"):
+        load_pipeline(raw={"teacher": {"base_url": "http://127.0.0.1:9", "model": "m"},
+                           "input": bad, "output": str(tmp_path / "x"), "stages": []})

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from phijax import paths
 from phijax.config import load, positive, ranged
 from phijax.errors import ConfigError
 from tools.pipeline.preflight import check_record_fields, first_seed
@@ -39,7 +40,7 @@ from tools.teacher import TeacherConfig
 class PipelineConfig:
     """The pipeline file as written."""
     teacher: TeacherConfig
-    input: str                    # JSONL of seed records
+    input: str                    # JSONL of seed records (a path, or a gs:// / s3:// URL)
     output: str                   # the run directory
     stages: list[dict]            # {name, type, ...parameters of the type}
     shards: int = ranged(1, ge=1, le=99999)
@@ -95,7 +96,7 @@ def _check(cfg: PipelineConfig) -> None:
     for name in ("base_url", "model"):
         if not getattr(cfg.teacher, name):
             raise PipelineError(f"teacher.{name}: required")
-    if not Path(cfg.input).is_file():
+    if not (paths.exists(cfg.input) if paths.is_url(cfg.input) else Path(cfg.input).is_file()):
         raise PipelineError(f"input: file {cfg.input} does not exist")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise PipelineError(f"output: {cfg.output} is not a directory")
@@ -119,14 +120,15 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] = (),
             if stage.name in {s.name for s in stages}:
                 raise PipelineError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
             stages.append(stage)
-        check_record_fields(stages, first_seed(Path(cfg.input)))
+        seeds = paths.local_copy(cfg.input) if paths.is_url(cfg.input) else Path(cfg.input)
+        check_record_fields(stages, first_seed(seeds))
     except PipelineError:
         raise
     except ConfigError as e:
         raise PipelineError(str(e)) from None
     cache = cfg.cache
     return Pipeline(
-        teacher=cfg.teacher, input=Path(cfg.input), output=Path(cfg.output), shards=cfg.shards,
+        teacher=cfg.teacher, input=seeds, output=Path(cfg.output), shards=cfg.shards,
         stages=stages, concurrency=cfg.concurrency or 2 * cfg.teacher.concurrency,
         cache=(Path(cfg.output) / "cache.sqlite" if cache in (None, True)
                else None if cache is False else Path(cache)),
