@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from phijax import paths
 from phijax.config import Config, MeshConfig, ModelConfig, from_dict, validate
 from phijax.data.tokenizer import (HF_FILE, RUN_FILES, Tokenizer, find_tokenizer, load_tokenizer,
                                    save_tokenizer)
@@ -364,7 +366,11 @@ def _write_tokenizer(tokenizer: Tokenizer | None, ckpt: Path, hf_dir: Path, m: M
 def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
     """Convert an HF Phi3ForCausalLM directory into a run directory `ckpt` (float32 params),
     with its tokenizer and generation_config.json."""
-    hf_dir, ckpt = Path(hf_dir), Path(ckpt)
+    if paths.is_url(hf_dir):
+        if not paths.exists(f"{str(hf_dir).rstrip('/')}/config.json"):
+            raise ConfigError(f"{hf_dir}: no config.json (give a Hugging Face model directory)")
+        hf_dir = paths.download_tree(hf_dir)
+    hf_dir, ckpt = Path(hf_dir), paths.absolute(ckpt)
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"{hf_dir}: no config.json (give a Hugging Face model directory)")
     cfg = Config(model=model_config(json.loads((hf_dir / "config.json").read_text())))
@@ -381,16 +387,16 @@ def from_hf(hf_dir: str | Path, ckpt: str | Path) -> Path:
             files.pop("lm_head.weight", None)  # HF ties it to the embedding on load, too
         _check_tensors(hf_dir, files, expected, c)
         for name, (key, i) in expected.items():
-            paths, _, to_ours, _ = TABLE[key]
+            leaf_paths, _, to_ours, _ = TABLE[key]
             w = _read(*files[name], name).astype(np.float32, copy=False)
-            for path, value in zip(paths, to_ours(w, c), strict=True):
+            for path, value in zip(leaf_paths, to_ours(w, c), strict=True):
                 _leaf(params, path)[... if i is None else i] = value
     save_params(ckpt, cfg, params)
     if tokenizer is not None:
         save_tokenizer(tokenizer, ckpt)
     if (hf_dir / GENERATION_CONFIG).is_file():
-        atomic_write(ckpt / GENERATION_CONFIG, (hf_dir / GENERATION_CONFIG).read_bytes())
-    return ckpt.absolute()
+        paths.write_bytes(ckpt / GENERATION_CONFIG, (hf_dir / GENERATION_CONFIG).read_bytes())
+    return ckpt
 
 
 def _shards(names: dict, c: Dims, itemsize: int, limit: float) -> dict[str, dict[str, tuple]]:
@@ -425,8 +431,19 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
     shard in memory at a time, with its tokenizer files."""
     if dtype not in WRITE_DTYPES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(WRITE_DTYPES)}")
+    if paths.is_url(hf_dir):  # written here, then uploaded
+        paths.check_writable(hf_dir, "convert to-hf:")
+        local = to_hf(ckpt, tempfile.mkdtemp(prefix="phijax-hf-"), dtype, max_shard_gb)
+        fresh = {p.name for p in local.iterdir()}
+        for name in paths.listdir(hf_dir):  # an earlier conversion's files that these replace
+            if name not in fresh and (name in (*RUN_FILES, GENERATION_CONFIG) or re.fullmatch(
+                    r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name)):
+                paths.remove(f"{str(hf_dir).rstrip('/')}/{name}")
+        paths.upload_tree(local, hf_dir)
+        return hf_dir
     hf_dir, np_dtype = Path(hf_dir), np.dtype(WRITE_DTYPES[dtype])
-    tokenizer = _run_tokenizer(Path(ckpt), hf_dir)
+    ckpt = paths.as_path(ckpt)
+    tokenizer = _run_tokenizer(ckpt, hf_dir)
     cfg, params = load_params(ckpt, make_mesh(MeshConfig(), jax.devices("cpu")[:1]))
     c = dims(cfg.model)
     names = hf_names(c, cfg.model.tie_word_embeddings)
@@ -435,8 +452,8 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
 
     def tensor(name):
         key, i = names[name]
-        paths, _, _, to_hf_fn = TABLE[key]
-        leaves = (_leaf(params, p) if i is None else _leaf(params, p)[i] for p in paths)
+        leaf_paths, _, _, to_hf_fn = TABLE[key]
+        leaves = (_leaf(params, p) if i is None else _leaf(params, p)[i] for p in leaf_paths)
         array = np.ascontiguousarray(to_hf_fn(tuple(np.asarray(a) for a in leaves), c),
                                      dtype=np_dtype)
         assert array.shape == shapes_of[name], (name, array.shape, shapes_of[name])
@@ -453,5 +470,5 @@ def to_hf(ckpt: str | Path, hf_dir: str | Path, dtype: str = "float32",
             "metadata": {"total_size": total},
             "weight_map": {name: file for file, shapes in shards.items() for name in shapes}})
     _remove_stale(hf_dir, keep)
-    _write_tokenizer(tokenizer, Path(ckpt), hf_dir, cfg.model, dtype)
+    _write_tokenizer(tokenizer, ckpt, hf_dir, cfg.model, dtype)
     return hf_dir

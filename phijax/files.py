@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from etils import epath
+
 from phijax.errors import ConfigError, DataError
 
 
@@ -65,8 +67,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     that is not a JSON object. `path`: a local path, or a path object with pathlib's methods
     (`phijax.paths.as_path` of a bucket's URL), or a gs:// / s3:// URL."""
     if isinstance(path, str):
-        from phijax.paths import as_path  # phijax.paths writes through this module
-        path = as_path(path)
+        path = epath.Path(path) if path.startswith(("gs://", "s3://")) else Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     with path.open("rb") as f:

@@ -290,6 +290,25 @@ def local_copy(url: str | os.PathLike, beside: tuple[str, ...] = ()) -> Path:
     return _copies[key]
 
 
+def download_tree(url: str | os.PathLike) -> Path:
+    """A local copy of every object under the prefix `url`, in a new temporary directory, for
+    libraries that read only local directories (safetensors, transformers)."""
+    fs, remote = filesystem(url)
+    fs.invalidate_cache(remote)
+    folder = Path(tempfile.mkdtemp(prefix="phijax-copy-"))
+    for key in fs.find(remote):
+        target = folder / key[len(remote):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(key, str(target))
+    return folder
+
+
+def upload_tree(local: str | os.PathLike, url: str | os.PathLike) -> None:
+    """Every file under the local directory `local` to the same names under `url`."""
+    for file in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        upload(file, f"{str(url).rstrip('/')}/{file.relative_to(local).as_posix()}")
+
+
 def kvstore(path: str | os.PathLike) -> dict:
     """The TensorStore kvstore spec of `path`: the file driver for a local path, `gcs` or `s3`
     for a URL. TensorStore reads GCS credentials itself (and `TENSORSTORE_GCS_HTTP_URL` for

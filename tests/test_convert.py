@@ -14,6 +14,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
+from object_stores import object_store, s3_server  # noqa: E402,F401 - fixtures
 from hf_tokenizers import CHAT, TEXTS, phi4_like, sentencepiece_model  # noqa: E402
 from phijax import convert  # noqa: E402
 from phijax.config import MeshConfig  # noqa: E402
@@ -344,3 +345,24 @@ def test_prompt_ids_sample_a_checkpoint_converted_without_a_tokenizer(tmp_path):
     assert len(ids) == 5 and all(0 <= int(i) < 96 for i in ids), out.stdout
     out = run_cli("sample", ckpt, "--prompt", "hello", check=False)
     assert out.returncode == 2 and "no tokenizer.model or tokenizer.json" in out.stderr
+
+
+@pytest.mark.parametrize("object_store", ["s3"], indirect=True)
+def test_hf_round_trip_through_a_bucket_is_bitwise(object_store, tmp_path):
+    """An HF directory in a bucket -> a run directory in the bucket -> an HF directory in the
+    bucket: the same tensors and config as the local round trip."""
+    from phijax import paths
+    src = save_hf(hf_model(8, 2, False), tmp_path / "hf")
+    paths.upload_tree(src, f"{object_store}/hf")
+    ckpt = from_hf(f"{object_store}/hf", f"{object_store}/ckpt")
+    assert str(ckpt) == f"{object_store}/ckpt"
+    paths.write_text(f"{object_store}/back/model-00001-of-00009.safetensors", "stale")
+    assert to_hf(ckpt, f"{object_store}/back") == f"{object_store}/back"
+    back = paths.download_tree(f"{object_store}/back")
+    assert sorted(p.name for p in back.iterdir()) == ["config.json", "generation_config.json",
+                                                      "model.safetensors"]  # stale shard gone
+    a, b = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((back / "config.json").read_text()) == \
+        json.loads(to_hf(from_hf(src, tmp_path / "ckpt"), tmp_path / "local").joinpath(
+            "config.json").read_text())
