@@ -93,3 +93,87 @@ def test_switches_and_thresholds_come_from_the_config():
     assert check(short, gopher_quality={"min_words": 5}, c4={"min_sentences": 1},
                  fineweb={"max_short_line_ratio": 2.0})[1] is None
     assert check(BAD["c4: lorem ipsum"], c4={"enabled": False})[1] is None
+
+
+CODE_PAGE = GOOD + """
+
+The mill's ledger is kept in a small program; this function totals a day's sacks:
+
+```
+def total_weight(sacks: list[dict]) -> float:
+    \"\"\"Sum the weight of every sack, skipping the empty ones.\"\"\"
+    total = 0.0
+    for sack in sacks:
+        if sack.get("empty"):
+            continue
+        total += float(sack["kg"])  # kilograms, as the scale prints them
+    return round(total, 2)
+
+print(total_weight([{"kg": 12.5}, {"kg": 40}, {"empty": True}]))
+```
+
+It prints 52.5, the weight of the two full sacks."""
+RUSSIAN = ("Река протекает через старый город и мимо мельницы, построенной в прошлом веке. "
+           "Крестьяне привозят овощи на рынок по субботам, и площадь полна покупателей. ") * 3
+JUNK = {  # each passes the zlib, bad-character and mojibake checks
+    "shuffled characters": "".join(random.Random(1).sample(GOOD, len(GOOD))),
+    "base64": base64.b64encode(random.Random(2).randbytes(450)).decode(),
+    "rot13": GOOD.translate(str.maketrans(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "nopqrstuvwxyzabcdefghijklmNOPQRSTUVWXYZABCDEFGHIJKLM")),
+    "another alphabet in an English document": RUSSIAN,
+    "random letters": "".join(random.Random(3).choice("etaoinshrdlu     ") for _ in range(900)),
+}
+
+
+@pytest.mark.parametrize("kind", list(JUNK))
+def test_character_ngram_outliers_are_removed(kind):
+    assert check(JUNK[kind])[1] == "corruption: character n-gram outlier"
+
+
+def test_character_ngram_check_keeps_prose_and_code_and_follows_the_language():
+    assert check(GOOD)[1] is None and check(CODE_PAGE)[1] is None
+    cfg = HeuristicsConfig()
+    for section in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
+        getattr(cfg, section).enabled = False
+    heuristics = Heuristics(cfg)
+    assert heuristics.check(RUSSIAN, "en")[1] == "corruption: character n-gram outlier"
+    assert heuristics.check(RUSSIAN, "ru")[1] is None  # no Russian reference: not scored
+    assert heuristics.check(RUSSIAN)[1] is not None  # no language: scored as English
+    cfg.corruption.max_char_bits = None
+    assert heuristics.check(JUNK["shuffled characters"])[1] is None
+    cfg.corruption.max_char_bits, cfg.corruption.char_bits_min_chars = 5.5, 10_000
+    assert heuristics.check(JUNK["shuffled characters"])[1] is None  # too short to score
+
+
+def test_the_reference_table_is_what_its_script_builds(tmp_path):
+    import numpy as np
+
+    from tools.corpus import char_ngrams
+    built = char_ngrams.build(tmp_path / "en.npz")
+    with np.load(built) as new, np.load(char_ngrams.REFERENCES["en"]) as shipped:
+        assert str(shipped["alphabet"]) == char_ngrams.ALPHABET
+        if str(new["source"]) == str(shipped["source"]):  # same Python, same topics
+            assert (new["index"] == shipped["index"]).all()
+            assert (new["count"] == shipped["count"]).all()
+
+
+def test_a_corpus_run_counts_the_outliers_and_keeps_a_sample(tmp_path):
+    import json
+    from pathlib import Path
+
+    from tools.cli import main as tools_main
+    docs = [{"text": GOOD}, {"text": CODE_PAGE}] + [{"text": t, "kind": k} for k, t in JUNK.items()]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    config = Path(__file__).resolve().parent.parent / "configs" / "corpus" / "web.yaml"
+    assert tools_main(["corpus", "run", str(config), f"inputs=[{tmp_path / 'docs.jsonl'}]",
+                       f"output={tmp_path / 'out'}", "steps=[extract, heuristics]", "workers=1",
+                       "samples_per_reason=2", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"]["heuristics"]["removed"] == {
+        "corruption: character n-gram outlier": len(JUNK)}
+    assert summary["documents"] == 2
+    sample = tmp_path / "out" / "removed" / "heuristics" / \
+        "corruption-character-n-gram-outlier.jsonl"
+    assert [json.loads(line)["kind"] for line in sample.read_text().splitlines()] == \
+        list(JUNK)[:2]

@@ -7,6 +7,7 @@
     decontam  n-gram decontamination against eval sets: build | filter
     quality   the non-LLM quality classifier: train | eval | score
     corpus    organic data: extract, language ID, heuristic filters, dedup (CONFIG [key=value ...])
+    topics    topic balancing of organic data: annotate | train | balance (CONFIG [key=value ...])
 
 Commands that take a config (run, pts, judge) read their settings as `key=value` overrides, as
 `phijax train` does.
@@ -308,12 +309,49 @@ def _add_corpus(sub) -> None:
     r.set_defaults(fn=_corpus_run)
 
 
+# ---------------------------------------------------------------- topics
+
+def _topics(args) -> int:
+    from tools.corpus.topics import load_topics_config
+    cfg = load_topics_config(args.config, args.overrides)
+    if args.cmd == "annotate":
+        import logging
+
+        from tools.corpus.annotate import annotate
+        for noisy in ("httpx", "httpx2"):   # a line per teacher request otherwise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        return _print_report(annotate(cfg, progress=not args.no_progress))
+    if args.cmd == "train":
+        from tools.corpus.topics import train
+        return _print_report(train(cfg))
+    from tools.corpus.balance import balance
+    return _print_report(balance(cfg))
+
+
+def _add_topics(sub) -> None:
+    cmds = sub.add_parser("topics", help="topic balancing: teacher labels, a classifier, a "
+                          "resampler").add_subparsers(dest="cmd", required=True)
+    for name, help_ in (
+            ("annotate", "the teacher labels a sample of documents -> OUTPUT/labels.jsonl"),
+            ("train", "fit the topic classifier on the labels -> OUTPUT/topics.npz"),
+            ("balance", "classify every document and resample so the targeted topics reach "
+             "their shares -> OUTPUT/balanced/, OUTPUT/balance.json")):
+        c = cmds.add_parser(name, help=help_)
+        c.add_argument("config", help="topics YAML, e.g. configs/corpus/topics.yaml")
+        c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted config overrides, e.g. inputs=[corpus-out/en] output=topics "
+                       "teacher.base_url=http://127.0.0.1:8000/v1 'targets={history: 0.1}'")
+        if name == "annotate":
+            c.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+        c.set_defaults(fn=_topics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phijax-tools", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_pts, _add_judge, _add_seeds, _add_decontam, _add_quality,
-                _add_corpus):
+                _add_corpus, _add_topics):
         add(sub)
     return p
 

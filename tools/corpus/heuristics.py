@@ -9,7 +9,11 @@ corruption (ours, calibrated on the Rust and Python documentation and made junk;
   strings barely compress; a page of one repeated line compresses to almost nothing); the
   share of replacement, control and private-use characters (bytes decoded as the wrong
   charset, binary files); mojibake sequences per 1,000 characters, as ftfy's `badness` counts
-  them (UTF-8 read as cp1252: "cafÃ©").
+  them (UTF-8 read as cp1252: "cafÃ©"); character-trigram cross-entropy in bits per character
+  under the shipped reference model of the document's language above a maximum (garbled,
+  shuffled or wrong-alphabet text, base64, binary read as text: `tools.corpus.char_ngrams`;
+  a language without a reference is not scored, a document without one -- language ID off --
+  is scored as English).
 gopher_repetition (Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights
   from Training Gopher", Table A1): duplicate lines/paragraphs (share of them, and of their
   characters), the characters of the most frequent 2-4-gram, the characters in repeated 5-10-
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from phijax.hashing import mix64
+from tools.corpus import char_ngrams
 
 _STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 _BULLETS = ("•", "●", "○", "▪", "◦", "- ", "* ", "‣", "⁃")
@@ -56,6 +61,8 @@ class Corruption:
     compression_min_bytes: int = 1000  # shorter texts compress poorly whatever they are
     max_bad_char_ratio: float = 0.01  # replacement, control, private-use characters
     max_mojibake_per_1k: float = 1.0  # ftfy badness sequences per 1,000 characters
+    max_char_bits: float | None = 5.5  # character-trigram cross-entropy, bits/char; null: off
+    char_bits_min_chars: int = 200  # shorter texts are not scored
 
 
 @dataclass
@@ -119,7 +126,7 @@ class HeuristicsConfig:
 
 # ---------------------------------------------------------------- corruption
 
-def corruption(text: str, cfg: Corruption) -> str | None:
+def corruption(text: str, cfg: Corruption, language: str | None = None) -> str | None:
     data = text.encode("utf-8")
     if len(data) >= cfg.compression_min_bytes:
         ratio = len(zlib.compress(data, 6)) / len(data)
@@ -132,6 +139,10 @@ def corruption(text: str, cfg: Corruption) -> str | None:
     from ftfy.badness import badness
     if badness(text) > cfg.max_mojibake_per_1k * max(len(text), 1) / 1000:
         return "mojibake"
+    if cfg.max_char_bits is not None and len(text) >= cfg.char_bits_min_chars:
+        table = char_ngrams.reference(language or "en")
+        if table is not None and char_ngrams.cross_entropy(text, table) > cfg.max_char_bits:
+            return "character n-gram outlier"
     return None
 
 
@@ -302,10 +313,13 @@ class Heuristics:
     def __init__(self, cfg: HeuristicsConfig):
         self.cfg = cfg
 
-    def check(self, text: str) -> tuple[str, str | None]:
+    def check(self, text: str, language: str | None = None) -> tuple[str, str | None]:
+        """`language`: the document's (language ID's), for the character n-gram reference."""
         cfg = self.cfg
-        for name, fn, section in (("corruption", corruption, cfg.corruption),
-                                  ("gopher_repetition", gopher_repetition,
+        reason = corruption(text, cfg.corruption, language) if cfg.corruption.enabled else None
+        if reason:
+            return text, f"corruption: {reason}"
+        for name, fn, section in (("gopher_repetition", gopher_repetition,
                                    cfg.gopher_repetition),
                                   ("gopher_quality", gopher_quality, cfg.gopher_quality)):
             reason = fn(text, section) if section.enabled else None

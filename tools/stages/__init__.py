@@ -7,7 +7,7 @@ import (`load_pipeline` imports this package):
   `qa_extract` (question/answer pairs from a passage);
 * `code`: `verify_code` (run code + tests in the sandbox, teacher repairs) and
   `reverse_instruction` (code -> instruction -> regenerated code, kept when faithful);
-* `filters`: `decontaminate`, `quality_label`, `quality_filter`, `chunk`;
+* `filters`: `decontaminate`, `quality_label`, `topic_label`, `quality_filter`, `chunk`;
 * `templated`: the shared base of the stages that ask the teacher with template files.
 
 Every stage counts what it did in `stage.stats` (a Counter: kept, dropped_all_agree,
@@ -18,7 +18,7 @@ from tools.stages.basic import FilterStage, PromptStage
 from tools.stages.code import (ReverseInstructionStage, VerifyCodeStage, code_similarity,
                                normalise_code)
 from tools.stages.filters import (ChunkStage, DecontaminateStage, QualityFilterStage,
-                                  QualityLabelStage)
+                                  QualityLabelStage, TopicLabelStage)
 from tools.stages.reasoning import (REWRITE_KINDS, Decision, DifficultyStage, QAExtractStage,
                                     RewriteStage, SelfReviseStage, difficulty_filter,
                                     parse_problem_solution, parse_qa_pairs, parse_verdict)

@@ -4,6 +4,8 @@
   by benchmark.
 * `quality_label`: the teacher scores the text 0-5 with `tools/templates/quality_score.txt`
   (= `tools.quality.SCORE_PROMPT`) -> `quality_score`; an unparsable reply drops the record.
+* `topic_label`: the teacher names the text's topic, one of `topics`, with
+  `tools/templates/topic_label.txt` -> `topic`; an unparsable reply drops the record.
 * `quality_filter`: a saved `tools.quality.QualityClassifier` scores the text; records with
   P(high quality) >= `threshold` are kept with `quality_prob`.
 * `chunk`: the text split by `tools.seeds.chunk_document` (`max_tokens`), one record per chunk
@@ -114,6 +116,49 @@ class QualityLabelStage(TemplatedStage):
             return []
         self.stats.update(["kept", f"score_{score}"])
         return [dict(self.output(record, ctx, reply=reply), quality_score=score)]
+
+
+@dataclass(kw_only=True)
+class TopicLabelConfig(SamplingConfig):
+    temperature: float = ranged(0.0, ge=0)
+    topics: list[str] = dataclasses.field(default_factory=list)  # the names the teacher picks from
+    field: str = record_field("text")             # `{text}` in the template
+    template_file: Optional[str] = file_field()   # default tools/templates/topic_label.txt
+
+
+@register_stage("topic_label")
+class TopicLabelStage(TemplatedStage):
+    """The teacher names the document's topic, one of `topics` (listed one per line as
+    `{topics}` in the template; the labels `tools.corpus.topics.TopicClassifier` learns).
+
+    Output field `topic` (the configured spelling, parsed with `tools.corpus.topics.parse_topic`);
+    the provenance entry keeps the reply. A reply naming no listed topic drops the record
+    (`stats["dropped_unparsed"]`); kept records count as `kept` and per topic as `topic_<name>`.
+    """
+    Config = TopicLabelConfig
+    TEMPLATE_FILES = {"topic_label": ("template_file", "topic_label.txt")}
+    VIEWS = {"topic_label": ("text", "topics")}
+    ADDS = ("topic",)
+
+    def __init__(self, cfg: TopicLabelConfig, key: str):
+        super().__init__(cfg, key)
+        from tools.corpus.topics import check_topics
+        try:
+            check_topics(cfg.topics)
+        except ValueError as e:
+            raise PipelineError(f"{key}.topics: {e}") from None
+        self.listed = "\n".join(f"- {t}" for t in cfg.topics)
+
+    async def run(self, record: dict, ctx: StageContext) -> list[dict]:
+        from tools.corpus.topics import parse_topic
+        view = dict(record, text=get_field(record, self.cfg.field), topics=self.listed)
+        reply, topic = await self.ask_parsed(ctx, "topic_label", view,
+                                             lambda r: parse_topic(r, self.cfg.topics),
+                                             "dropped_unparsed")
+        if topic is None:
+            return []
+        self.stats.update(["kept", f"topic_{topic}"])
+        return [dict(self.output(record, ctx, reply=reply), topic=topic)]
 
 
 @dataclass(kw_only=True)
