@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--knowledge", type=int, default=200, help="held-out knowledge questions")
     s.add_argument("--reasoning", type=int, default=200, help="held-out reasoning questions")
     s.add_argument("--error-rate", type=float, default=0.1, help="the scripted teacher's")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="per evaluation answer")
+    s.add_argument("--max-new-tokens", type=int, default=96,
+                   help="per reasoning answer (knowledge answers: at most 16)")
     s.set_defaults(fn=_mixture)
     return p
 

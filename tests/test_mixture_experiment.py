@@ -44,9 +44,24 @@ def test_mixture_arms_end_to_end(tmp_path, capsys, monkeypatch):
     data = out / "data"
     knowledge, reasoning = load_simpleqa(data / "knowledge.jsonl"), \
         load_questions(data / "reasoning.jsonl")
+    choices = {name: [c for _, c in read_jsonl(data / f"{name}-choice.jsonl")]
+               for name in ("knowledge", "reasoning")}
     for r in rows:  # every cell scored on every held-out item, by `phijax eval`'s graders
         assert r["knowledge"]["n"] == len(knowledge) and r["reasoning"]["n"] == len(reasoning)
+        assert r["knowledge_choice"]["n"] == len(knowledge) == len(choices["knowledge"])
+        assert r["reasoning_choice"]["n"] == len(reasoning) == len(choices["reasoning"])
         assert 0 <= r["knowledge"]["accuracy"] <= 1 and r["reasoning"]["stderr"] >= 0
+    # the choice sets ask the same questions: four options, the right answer among them once
+    for q, c in zip(knowledge, choices["knowledge"]):
+        assert c["question"] == f"Question: {q.prompt}\nAnswer:" and len(set(c["choices"])) == 4
+        assert c["choices"][c["answer"]] == f" {q.reference[0]}"
+    for q, c in zip(reasoning, choices["reasoning"]):
+        assert c["question"] == q["prompt"] and len(set(c["choices"])) == 4
+        assert c["choices"][c["answer"]].endswith(f"\\boxed{{{q['answer']}}}")
+    # how often each arm read each source, as `phijax data report` plans it
+    assert results["epochs"]["mixture-arms"]["web only"]["web"] > 0
+    assert set(results["epochs"]["mixture-arms"]["phi-4 mixture (Table 5)"]) == {
+        "web", "web-rewrites", "synthetic", "code", "acquired"}
     assert "| synthetic only | 1 |" in printed and (out / "mixture-arms.png").stat().st_size > 0
 
     # the held-out sets share no n-grams with any training source

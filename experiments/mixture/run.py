@@ -40,7 +40,14 @@ SOURCES = ("web", "web-rewrites", "synthetic", "code", "acquired")
 ARM_NAMES = {("web",): "web only", ("synthetic",): "synthetic only",
              ("synthetic", "web-rewrites"): "synthetic + web rewrites",
              tuple(sorted(SOURCES)): "phi-4 mixture (Table 5)"}
-TASKS = {"reasoning": "arith", "knowledge": "simpleqa"}
+# held-out set -> {phijax eval task: file}; each set is also asked as multiple choice
+SETS = {"reasoning": {"arith": "reasoning.jsonl", "choice": "reasoning-choice.jsonl"},
+        "knowledge": {"simpleqa": "knowledge.jsonl", "choice": "knowledge-choice.jsonl"}}
+# the table's columns: (set, task) -> name
+METRICS = {("reasoning", "arith"): "reasoning", ("reasoning", "choice"): "reasoning_choice",
+           ("knowledge", "simpleqa"): "knowledge", ("knowledge", "choice"): "knowledge_choice"}
+LABELS = {"reasoning": "reasoning (answer)", "reasoning_choice": "reasoning (choice)",
+          "knowledge": "knowledge (answer)", "knowledge_choice": "knowledge (choice)"}
 
 
 @dataclass
@@ -60,7 +67,7 @@ class MixtureExperiment:
     steps: int = 500  # x 16 x 128 = 1.02M tokens an arm on configs/tiny.yaml
     overrides: list[str] = field(default_factory=list)  # training keys set in every cell
     sweeps: list[str] = field(default_factory=lambda: ["configs/sweeps/mixture-arms.yaml"])
-    max_new_tokens: int = 32
+    max_new_tokens: int = 96  # per reasoning answer (knowledge answers: at most 16)
     max_epochs: float = 20.0  # an arm repeating a source more often fails before training
 
 
@@ -82,11 +89,14 @@ def make_data(cfg: MixtureExperiment, data: Path) -> dict:
     texts = [d["text"] for docs in training.values() for d in docs]
     hit = {h.item_id for h in index.check_many(texts) if h is not None}
     summary = {"facts": len(w.facts), "contaminated_dropped": len(hit)}
+    choices = {"knowledge": lambda qs: W.knowledge_choices(w, qs),
+               "reasoning": lambda qs: W.reasoning_choices(qs, cfg.world_seed)}
     for name, qs in heldout.items():
         kept = [q for q in qs if q["id"] not in hit]
         if not kept:
             raise DataError(f"held-out {name}: every question overlaps the training text")
         write_jsonl(data / f"{name}.jsonl", kept)
+        write_jsonl(data / f"{name}-choice.jsonl", choices[name](kept))
         summary[name] = len(kept)
     for name, docs in training.items():
         write_jsonl(data / f"{name}.jsonl", docs)
@@ -181,9 +191,9 @@ def write_sweep(cfg: MixtureExperiment, template: str, out: Path, tokenizer: str
     return path
 
 
-def check_tokens(cells) -> None:
-    """ConfigError naming the arm and source when an arm would repeat a source more than its
-    mixture's `max_epochs` times (`phijax.data.mixture.plan` over steps x batch x seq_len)."""
+def _plans(cells):
+    """(cell, mixture, training tokens, `phijax.data.mixture.plan` rows: the `phijax data
+    report` table) for every cell that trains on a mixture."""
     from phijax.config import from_dict
     from phijax.data.mixture import MixtureConfig, plan
     from phijax.data.store import TokenStore
@@ -194,13 +204,26 @@ def check_tokens(cells) -> None:
         t = cell.config.train
         total = t.steps * t.batch_size * cell.config.data.seq_len
         counts = {s.name: len(TokenStore(s.store)) for s in mixture.sources}
-        for row in plan(mixture, total, counts):
+        yield cell, mixture, total, plan(mixture, total, counts)
+
+
+def check_tokens(cells) -> None:
+    """ConfigError naming the arm and source when an arm would repeat a source more than its
+    mixture's `max_epochs` times (`phijax.data.mixture.plan` over steps x batch x seq_len)."""
+    for cell, mixture, total, rows in _plans(cells):
+        for row in rows:
             if row["warning"]:
                 raise ConfigError(
                     f"arm {cell.label}: source {row['source']} has {row['unique_tokens']} "
                     f"tokens; {row['tokens_seen']:.0f} tokens ({row['share']:g} of {total}) "
                     f"repeat it {row['epochs']:.1f} times, more than max_epochs "
                     f"{mixture.max_epochs:g}; lower --steps or make more data")
+
+
+def epochs(cells, seed_key: str) -> dict:
+    """{arm: {source: epochs}}: how often each arm reads each of its sources."""
+    return {arm_name(cell.values, seed_key): {r["source"]: round(r["epochs"], 2) for r in rows}
+            for cell, _, _, rows in _plans(cells)}
 
 
 def run_sweep(path: Path) -> list:
@@ -223,14 +246,18 @@ def run_sweep(path: Path) -> list:
 # ---------------------------------------------------------------- 5. eval, 6. table
 
 def evaluate_cell(cell, data: Path, out: Path, max_new_tokens: int) -> dict:
-    """Per held-out set, the item scores of `cell` (`phijax eval` on both sets; cached)."""
+    """Per metric, the item scores of `cell`: `phijax eval` on each held-out set, answers and
+    choices (cached in OUT/eval/<cell>/<set>/). The cells are base models, so prompts are plain
+    text (chat=false), in the training documents' formats."""
     from phijax.eval.harness import HarnessConfig, run_eval
-    if not (out / "results.json").is_file():
-        run_eval(cell.dir, HarnessConfig(
-            tasks=list(TASKS.values()), max_new_tokens=max_new_tokens,
-            paths={task: str(data / f"{name}.jsonl") for name, task in TASKS.items()}), out)
-    return {name: [r["score"] for _, r in read_jsonl(out / "items" / f"{task}.jsonl")]
-            for name, task in TASKS.items()}
+    for name, files in SETS.items():
+        if not (out / name / "results.json").is_file():
+            new = max_new_tokens if name == "reasoning" else min(16, max_new_tokens)
+            run_eval(cell.dir, HarnessConfig(
+                tasks=list(files), max_new_tokens=new, chat=False,
+                paths={task: str(data / file) for task, file in files.items()}), out / name)
+    return {metric: [r["score"] for _, r in read_jsonl(out / name / "items" / f"{task}.jsonl")]
+            for (name, task), metric in METRICS.items()}
 
 
 def arm_name(values: dict, seed_key: str) -> str:
@@ -249,7 +276,7 @@ def summarize(scores: dict) -> list[dict]:
     rows = []
     for arm, per_seed in scores.items():
         row = {"arm": arm, "seeds": len(per_seed)}
-        for name in TASKS:
+        for name in METRICS.values():
             pooled = [s for seed in per_seed for s in seed[name]]
             acc, err = mean_stderr(pooled)
             row[name] = {"accuracy": acc, "stderr": err, "n": len(pooled)}
@@ -258,28 +285,41 @@ def summarize(scores: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| arm | seeds | reasoning accuracy ± stderr | knowledge accuracy ± stderr |",
-             "|---|---|---|---|"]
+    names = list(METRICS.values())
+    lines = ["| arm | seeds | " + " | ".join(f"{LABELS[n]} ± stderr" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seeds']} | " + " | ".join(
-            f"{r[n]['accuracy']:.3f} ± {r[n]['stderr']:.3f}" for n in TASKS) + " |")
+            f"{r[n]['accuracy']:.3f} ± {r[n]['stderr']:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
+def plot(rows: list[dict], path: Path, shares: list[float] | None = None) -> Path:
+    """Two panels, answers and choices (chance marked), reasoning and knowledge in each, with
+    standard errors: bars per arm, or lines against the synthetic share when `shares`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
-    width = 0.38
-    for k, name in enumerate(TASKS):
-        xs = [i + (k - 0.5) * width for i in range(len(rows))]
-        ax.bar(xs, [r[name]["accuracy"] for r in rows], width,
-               yerr=[r[name]["stderr"] for r in rows], capsize=3, label=name)
-    ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Pre-training mixture at equal tokens (toy world)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 * len(rows) + 4, 4.2))
+    for ax, kind in zip(axes, ("answer", "choice")):
+        names = [n for n in METRICS.values() if n.endswith("_choice") == (kind == "choice")]
+        for k, name in enumerate(names):
+            ys, errs = [r[name]["accuracy"] for r in rows], [r[name]["stderr"] for r in rows]
+            if shares is not None:
+                ax.errorbar(shares, ys, yerr=errs, marker="o", capsize=3, label=LABELS[name])
+            else:
+                xs = [i + (k - 0.5) * 0.38 for i in range(len(rows))]
+                ax.bar(xs, ys, 0.38, yerr=errs, capsize=3, label=LABELS[name])
+        if kind == "choice":
+            ax.axhline(0.25, color="grey", linestyle=":", label="chance (4 choices)")
+        if shares is not None:
+            ax.set_xlabel("synthetic share of training tokens (rest web)")
+        else:
+            ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=20, ha="right")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(f"{kind}s")
+        ax.legend(fontsize=8)
+    fig.suptitle("Pre-training mixture at equal tokens (toy world)")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -299,7 +339,7 @@ def run(cfg: MixtureExperiment) -> dict:
     if "stores" not in results:
         results["stores"] = make_stores(cfg, data, out / "stores")
     atomic_write(results_path, json.dumps(results, indent=1))
-    tables = {}
+    tables, read = {}, {}
     for template in cfg.sweeps:
         path = write_sweep(cfg, template, out, results["stores"]["tokenizer"])
         cells = run_sweep(path)
@@ -312,9 +352,12 @@ def run(cfg: MixtureExperiment) -> dict:
         rows = summarize(scores)
         name = path.stem
         tables[name] = rows
+        read[name] = epochs(cells, seed_key)
         atomic_write(out / f"{name}.md", format_table(rows) + "\n")
-        plot(rows, out / f"{name}.png")
-    results["tables"] = tables
+        share = {arm_name(c.values, seed_key): c.values.get("mixture.synthetic") for c in cells}
+        plot(rows, out / f"{name}.png",
+             [share[r["arm"]] for r in rows] if name == "mixture-shares" else None)
+    results["tables"], results["epochs"] = tables, read
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write(results_path, json.dumps(results, indent=1))
     return results

@@ -9,7 +9,9 @@ and two held-out sets never in training.
   web documents state, phrased unlike them;
 * reasoning questions (phijax's question JSONL: id, kind, prompt, answer): multi-step problems
   over the world's rules (prices times quantities, change, ages, road distances) whose facts are
-  all given in the question; `problem(...)` makes the same families for the teacher's exercises.
+  all given in the question; `problem(...)` makes the same families for the teacher's exercises;
+* both sets also as multiple choice (phijax eval's `choice` JSONL), scored by likelihood, which
+  shows what a model too small to answer in words has learned.
 """
 from __future__ import annotations
 
@@ -242,11 +244,54 @@ def knowledge_questions(w: World, n: int) -> list[dict]:
 
 
 def reasoning_questions(w: World, n: int) -> list[dict]:
-    """Question records {id, kind: math, prompt, answer}: multi-step problems, facts given."""
+    """Question records {id, kind: math, prompt, answer, solution}: multi-step problems, facts
+    given. The prompt ends as the synthetic exercises' problems do before their solution (a
+    blank line), so a base model is asked in the format it read."""
     rng = random.Random(w.seed + 5)
     out = []
     for i in range(n):
         p = problem(w, FAMILIES[i % len(FAMILIES)], rng)
-        out.append({"id": f"reasoning-{i}", "kind": "math", "prompt": p["prompt"],
-                    "answer": p["answer"]})
+        out.append({"id": f"reasoning-{i}", "kind": "math", "prompt": f"{p['prompt']}\n\n",
+                    "answer": p["answer"], "solution": p["solution"]})
+    return out
+
+
+# ---------------------------------------------------------------- the same sets as choices
+
+def knowledge_choices(w: World, questions: list[dict], k: int = 4) -> list[dict]:
+    """Each knowledge question as a `k`-way choice (phijax eval's `choice` task): the fact's
+    value and `k - 1` other values the world gives the same relation (other towns, trades,
+    years, rivers, prices), each scored as the continuation of "Question: ...\nAnswer:"."""
+    rng = random.Random(w.seed + 6)
+    facts = {f"knowledge-{f.id}": f for f in w.facts}
+    values: dict = {}
+    for f in w.facts:
+        values.setdefault(f.relation, set()).add(f.value)
+    out = []
+    for q in questions:
+        fact = facts[q["id"]]
+        options = [fact.value] + rng.sample(sorted(values[fact.relation] - {fact.value}), k - 1)
+        rng.shuffle(options)
+        out.append({"id": q["id"], "question": f"Question: {q['problem']}\nAnswer:",
+                    "choices": [f" {v}" for v in options], "answer": options.index(fact.value)})
+    return out
+
+
+def reasoning_choices(questions: list[dict], seed: int, k: int = 4) -> list[dict]:
+    """Each reasoning question as a `k`-way choice between worked solutions that differ only in
+    the last step's result (and so the boxed answer): the right one and `k - 1` off by 1, 2 or
+    10 either way. Scored as continuations of the problem, they ask whether the model prefers
+    correct arithmetic, in the exercises' format."""
+    rng = random.Random(seed + 7)
+    out = []
+    for q in questions:
+        right = int(q["answer"])
+        wrong = rng.sample([right + d for d in (-10, -2, -1, 1, 2, 10) if right + d > 0], k - 1)
+        options = [right] + wrong
+        rng.shuffle(options)
+        head, _, last = q["solution"].rpartition("\n\\boxed{")
+        step, _, tail = head.rpartition(f"= {right} ")
+        texts = [f"{step}= {v} {tail}\n\\boxed{{{v}}}" for v in options]
+        out.append({"id": q["id"], "question": q["prompt"], "choices": texts,
+                    "answer": options.index(right)})
     return out
