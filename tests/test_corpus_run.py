@@ -107,6 +107,13 @@ def test_every_step_counts_what_it_removes_and_routes_by_language(run):
     assert json.loads(spam.read_text())["source"] == "spam"
 
 
+def test_the_run_times_each_step(run):
+    _, out, _ = run
+    seconds = json.loads((out / "timing.json").read_text())["seconds"]
+    assert sorted(seconds) == ["dedup", "extract", "heuristics", "langid", "signatures"]
+    assert all(s > 0 for s in seconds.values())
+
+
 def test_a_rerun_redoes_only_unfinished_shards(run, caplog):
     root, out, overrides = run
     before = json.loads((out / "summary.json").read_text())

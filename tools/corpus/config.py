@@ -2,10 +2,11 @@
 configs/corpus/web.yaml, every threshold there with the paper it comes from)."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from phijax.config import load, positive, ranged
+from phijax import paths
+from phijax.config import load, one_of, positive, ranged
 from phijax.errors import ConfigError
 from tools.corpus.dedup import DedupConfig
 from tools.corpus.extract import ExtractConfig
@@ -22,7 +23,8 @@ class CorpusConfig:
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     glob: str | None = None  # which files of an input directory to read, e.g. "**/*.warc.gz"
     text_field: str = "text"  # JSONL field / parquet column
-    workers: int = ranged(0, ge=0)  # processes; 0: one per core
+    executor: str = one_of("local", "ray")  # ray: Ray tasks on the cluster at RAY_ADDRESS
+    workers: int = ranged(0, ge=0)  # processes (ray: CPUs of a local Ray instance); 0: per core
     shard_bytes: int | None = positive(None)  # JSONL byte ranges and file groups; default ~64/run
     strict: bool = False  # bad input (a corrupt record, an unreadable file) stops the run
     compress: bool = True  # outputs as .jsonl.zst (else .jsonl)
@@ -36,10 +38,13 @@ class CorpusConfig:
         if not self.inputs:
             raise ConfigError("inputs: required (files or directories to read)")
         for path in self.inputs:
-            if not Path(path).exists():
+            if not paths.exists(path):
                 raise ConfigError(f"inputs: {path} does not exist")
         if not self.output:
             raise ConfigError("output: required (the directory the run writes)")
+        if paths.is_url(self.output):
+            raise ConfigError(f"output: {self.output}: a bucket cannot hold a run's work files; "
+                              "write to a local or shared file system (NFS, GCS Fuse...)")
         for step in self.steps:
             if step not in STEPS:
                 raise ConfigError(f"steps: {step!r} is not one of {', '.join(STEPS)}")
@@ -47,6 +52,8 @@ class CorpusConfig:
             raise ConfigError("steps: must include extract (it turns records into text)")
         if list(self.steps) != [s for s in STEPS if s in self.steps]:
             raise ConfigError(f"steps: run in the order {', '.join(STEPS)}")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("executor: ray is not installed (pip install 'phijax[ray]')")
         self.langid.check()
 
     def uses(self, step: str) -> bool:

@@ -1,27 +1,29 @@
 """`phijax-tools corpus run`: organic sources -> extracted, identified, filtered, deduplicated
-documents, a process per core over the inputs' shards (phijax.data.readers).
+documents, over the inputs' shards (phijax.data.readers): a process per core on this machine,
+or Ray tasks across machines (`executor: ray`; tools.corpus.executors), the same tasks either way.
 
   filter    per input shard: read, extract, language ID, heuristics (and dedup signatures)
   buckets   per (band, hash range): LSH buckets -> edges          } when dedup runs
-  clusters  connected components of the edges                     }
+  clusters  connected components of the edges (one task)          }
   route     per shard: drop duplicates, write OUTPUT/LANGUAGE/part-NNNNNN.jsonl.zst
 
 Intermediate files live in OUTPUT/.work; every task writes its marker last, so a rerun after a
-crash or a kill does only the tasks that have none. A run whose inputs or settings changed
-starts over. At the end: OUTPUT/summary.json (counts per step, removed by reason, bytes, dedup
-cluster sizes), OUTPUT/removed/STEP/REASON.jsonl (up to `samples_per_reason` removed documents
-each, with the reason), and a table of the counts.
+crash or a kill does only the tasks that have none, with either executor. A run whose inputs or
+settings changed starts over. Inputs and output are made absolute first: documents' ids name
+their input files the same way whichever the executor and working directory. At the end:
+OUTPUT/summary.json (counts per step, removed by reason, bytes, dedup cluster sizes),
+OUTPUT/removed/STEP/REASON.jsonl (up to `samples_per_reason` removed documents each, with the
+reason), OUTPUT/timing.json (seconds spent in each step, summed over the tasks; each phase's
+wall time is logged) and a table of the counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import multiprocessing
-import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +35,10 @@ from phijax.data.readers import Skipped
 from phijax.errors import ConfigError, DataError
 from phijax.files import atomic_write, jsonl_line, read_jsonl
 from phijax.hashing import digest
+from phijax.paths import absolute, stamp
 from tools.corpus.config import CorpusConfig
 from tools.corpus.dedup import band_names, cluster, write_bucket_edges
+from tools.corpus.executors import make_workers
 from tools.corpus.steps import filter_shard, route_shard
 
 log = logging.getLogger("phijax")
@@ -42,8 +46,9 @@ FORMAT = "phijax-corpus-1"
 
 
 def _plan_key(cfg: CorpusConfig, shards: list) -> str:
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "output")}
-    stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for s in shards for p in s.paths]
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("workers", "output", "executor")}  # either resumes the other
+    stamps = [stamp(p) for s in shards for p in s.paths]  # (size, mtime or object version)
     return digest(FORMAT, settings, [s.to_dict() for s in shards], stamps)
 
 
@@ -63,32 +68,7 @@ def _prepare(out: Path, key: str) -> Path:
     return work
 
 
-class Workers:
-    """A pool of `n` processes, started at its first use and shared by every phase (forkserver:
-    the caller may run threads); n == 1 runs tasks in this process."""
-
-    def __init__(self, n: int):
-        self.n, self.pool = n, None
-
-    def completed(self, fn: Callable, tasks: list[tuple]):
-        """(task index, result) as tasks finish."""
-        if self.n == 1 or len(tasks) == 1:
-            yield from ((k, fn(*task)) for k, task in enumerate(tasks))
-            return
-        if self.pool is None:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__, "trafilatura"])  # imported once
-            self.pool = ProcessPoolExecutor(self.n, mp_context=context)
-        futures = {self.pool.submit(fn, *task): k for k, task in enumerate(tasks)}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _run_tasks(fn: Callable, tasks: list[tuple], workers: Workers, desc: str, progress: bool,
+def _run_tasks(fn: Callable, tasks: list[tuple], workers, desc: str, progress: bool,
                sizes: list[int] | None = None) -> list:
     """fn(*task) for every task, with a bar (docs/s when the results count documents)."""
     results = [None] * len(tasks)
@@ -107,18 +87,21 @@ def _run_tasks(fn: Callable, tasks: list[tuple], workers: Workers, desc: str, pr
             bar.set_postfix_str(f"{docs / (time.perf_counter() - t0):,.0f} docs/s",
                                 refresh=False)
     bar.close()
+    log.info("corpus: %s, %d tasks in %.2f s", desc, len(tasks), time.perf_counter() - t0)
     return results
 
 
 def run_corpus(cfg: CorpusConfig, progress: bool = True) -> dict:
     """Run (or resume) the configured steps; returns the summary (also OUTPUT/summary.json)."""
+    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).absolute()),
+                              inputs=[str(absolute(p)) for p in cfg.inputs])
     out = Path(cfg.output)
     planning = Skipped(strict=cfg.strict)
     shards = plan_shards(cfg.inputs, cfg.glob, cfg.shard_bytes, planning)
     if not shards:
         raise DataError(f"inputs: {' '.join(cfg.inputs)} hold nothing to read")
     work = _prepare(out, _plan_key(cfg, shards))
-    workers = Workers(cfg.workers or len(os.sched_getaffinity(0)))
+    workers = make_workers(cfg.executor, cfg.workers)
     try:
         dedup = _run_phases(cfg, shards, work, out, workers, progress)
     finally:
@@ -126,7 +109,7 @@ def run_corpus(cfg: CorpusConfig, progress: bool = True) -> dict:
     return _summarise(cfg, len(shards), work, out, planning, dedup)
 
 
-def _run_phases(cfg: CorpusConfig, shards: list, work: Path, out: Path, workers: Workers,
+def _run_phases(cfg: CorpusConfig, shards: list, work: Path, out: Path, workers,
                 progress: bool) -> dict | None:
     n = len(shards)
     todo = [i for i in range(n) if not (work / "counts" / f"{i:06d}.json").is_file()]
@@ -140,7 +123,7 @@ def _run_phases(cfg: CorpusConfig, shards: list, work: Path, out: Path, workers:
     return dedup
 
 
-def _dedup(cfg: CorpusConfig, n: int, work: Path, workers: Workers, progress: bool) -> dict:
+def _dedup(cfg: CorpusConfig, n: int, work: Path, workers, progress: bool) -> dict:
     parts = cfg.dedup.partitions
     tasks = [(work / "signatures", n, band, part, parts, work / "edges")
              for band in band_names(cfg.dedup) for part in range(parts)
@@ -148,10 +131,15 @@ def _dedup(cfg: CorpusConfig, n: int, work: Path, workers: Workers, progress: bo
     _run_tasks(write_bucket_edges, tasks, workers, "buckets", progress)
     report_path = work / "clusters.json"
     if not report_path.is_file():
-        report = cluster(work / "edges", work)
-        atomic_write(work / "cluster_names.json", json.dumps(_cluster_names(work)))
-        atomic_write(report_path, json.dumps(report))
+        _run_tasks(cluster_task, [(work,)], workers, "clusters", progress)
     return json.loads(report_path.read_text())
+
+
+def cluster_task(work: Path) -> None:
+    """The clusters of every bucket's edges, their names, and the report (the marker) last."""
+    report = cluster(work / "edges", work)
+    atomic_write(work / "cluster_names.json", json.dumps(_cluster_names(work)))
+    atomic_write(work / "clusters.json", json.dumps(report))
 
 
 def _cluster_names(work: Path) -> dict:
@@ -201,6 +189,11 @@ def _summarise(cfg, n: int, work: Path, out: Path, planning: Skipped, dedup) -> 
                "outputs": dict(sorted(routes.items())), "steps": steps, "dedup": dedup}
     _write_samples(work, n, out / "removed", cfg.samples_per_reason)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    seconds: dict = {}  # per step, over every task (timing.json: summary.json stays the same
+    for part in filtered + routed:  # when a rerun redoes a task)
+        for step, s in part.get("seconds", {}).items():
+            seconds[step] = seconds.get(step, 0.0) + s
+    atomic_write(out / "timing.json", json.dumps({"seconds": seconds}, indent=2))
     return summary
 
 

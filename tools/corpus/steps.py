@@ -5,6 +5,7 @@ output. Each returns its counts by step; removed documents are sampled per reaso
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -30,11 +31,12 @@ def _langid(cfg: CorpusConfig) -> LanguageId:
 
 class Counts:
     """Per step: documents in, kept, removed by reason, flagged by reason, bytes in and out;
-    and up to `samples` removed documents per reason."""
+    up to `samples` removed documents per reason; and the seconds spent in each step."""
 
     def __init__(self, steps: list[str], samples: int):
         self.steps = {s: {"in": 0, "kept": 0, "removed": {}, "flagged": {}, "bytes_in": 0,
                           "bytes_out": 0} for s in steps}
+        self.seconds: dict[str, float] = {}
         self.samples, self.limit = [], samples
         self._taken: dict = {}
 
@@ -53,6 +55,9 @@ class Counts:
         if doc is not None and self._taken.get(key, 0) < self.limit:
             self._taken[key] = self._taken.get(key, 0) + 1
             self.samples.append(dict(doc, removed={"step": step, "reason": reason}))
+
+    def timed(self, step: str, start: float) -> None:
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
 
     def flag(self, step: str, reason: str) -> None:
         flagged = self.steps[step]["flagged"]
@@ -91,7 +96,9 @@ def _filtered(shard: Shard, cfg: CorpusConfig, counts: Counts) -> Iterator[dict]
         size = _nbytes(record.text) or len(record.raw or b"")
         counts.seen("extract", size)
         doc = {"id": record.id, "content_type": record.content_type, **record.metadata}
+        start = time.perf_counter()
         out = extract(record, cfg.extract)
+        counts.timed("extract", start)
         if out.note:
             counts.flag("extract", out.note)
         if out.text is None:
@@ -103,7 +110,9 @@ def _filtered(shard: Shard, cfg: CorpusConfig, counts: Counts) -> Iterator[dict]
             continue
         if heuristics is not None:
             counts.seen("heuristics", _nbytes(doc["text"]))
-            text, reason = heuristics.check(doc["text"])
+            start = time.perf_counter()
+            text, reason = heuristics.check(doc["text"], doc.get("language"))
+            counts.timed("heuristics", start)
             if reason:
                 counts.removed("heuristics", reason, doc)
                 continue
@@ -118,7 +127,9 @@ def _filtered(shard: Shard, cfg: CorpusConfig, counts: Counts) -> Iterator[dict]
 def _step_langid(lid: LanguageId, doc: dict, counts: Counts) -> bool:
     size = _nbytes(doc["text"])
     counts.seen("langid", size)
+    start = time.perf_counter()
     doc["language"], score, reason = lid.route(doc["text"])
+    counts.timed("langid", start)
     doc["language_score"] = round(score, 4)
     if reason:
         counts.removed("langid", reason, doc)
@@ -137,15 +148,18 @@ def filter_shard(shard: Shard, index: int, cfg: CorpusConfig, work: Path) -> dic
     read["in"] += sum(read["removed"].values())
     read["bytes_in"] = read["bytes_out"] = counts.steps["extract"]["bytes_in"]
     write_docs(work / "docs" / f"{index:06d}.jsonl.zst", docs)
+    start = time.perf_counter()
     if cfg.uses("dedup"):
         write_signatures([d["text"] for d in docs], index, work / "signatures", cfg.dedup)
         with atomic_open(work / "signatures" / f"ids-{index:06d}.json", "w") as f:
             json.dump([d["id"] for d in docs], f)  # to name clusters by their kept document
+        counts.timed("signatures", start)
     return _finish(counts, work / "counts" / f"{index:06d}.json", len(docs))
 
 
 def _finish(counts: Counts, path: Path, documents: int, **extra) -> dict:
-    summary = {"steps": counts.steps, "documents": documents, **extra}
+    summary = {"steps": counts.steps, "documents": documents, "seconds": counts.seconds,
+               **extra}
     with atomic_open(path.with_suffix(".samples.jsonl"), "w") as f:
         for doc in counts.samples:
             f.write(jsonl_line(doc))
@@ -159,6 +173,7 @@ def route_shard(index: int, cfg: CorpusConfig, work: Path, out: Path) -> dict:
     OUT/LANGUAGE/part-INDEX.jsonl[.zst] (OUT/docs/ without language identification); counts in
     work/routed/INDEX.json, written last."""
     counts = Counts(["dedup"] if cfg.uses("dedup") else [], cfg.samples_per_reason)
+    start = time.perf_counter()
     docs = list(read_docs(work / "docs" / f"{index:06d}.jsonl.zst"))
     if cfg.uses("dedup"):
         ids = (np.uint64(index) << np.uint64(32)) | np.arange(len(docs), dtype=np.uint64)
@@ -175,6 +190,7 @@ def route_shard(index: int, cfg: CorpusConfig, work: Path, out: Path) -> dict:
             counts.kept("dedup", _nbytes(doc["text"]))
             kept.append(doc)
         docs = kept
+        counts.timed("dedup", start)
     routes: dict[str, list] = {}
     for doc in docs:
         routes.setdefault(doc.get("language", "docs") if cfg.uses("langid") else "docs",

@@ -41,6 +41,7 @@ from tools.pipeline.local import (PendingSeeds, ProgressBar, check_failed, log_r
 from tools.pipeline.preflight import check_endpoint
 from tools.pipeline.rundir import RunDir, shard_of, sum_usage
 from tools.pipeline.stage import PipelineError, StageContext
+from tools.ray_cluster import one_line_error as _one_line_error, start_ray
 
 
 class _Secret:
@@ -108,11 +109,6 @@ def _shard_task(pipe: Pipeline, shard: int, progress: Any, secret: _Secret) -> d
 
 # ---------------------------------------------------------------- the driver
 
-def _one_line_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}".strip()
-
-
 def _scan(pipe: Pipeline, run: RunDir) -> tuple[int, dict, dict[int, int]]:
     """One pass over the input: the number of seeds, this run's counts (duplicate and skipped
     seeds) and the number of seeds to do per shard."""
@@ -128,19 +124,6 @@ async def _check_endpoint(pipe: Pipeline) -> None:
         await check_endpoint(pipe.stages, teacher)
     finally:
         await teacher.aclose()
-
-
-def _start_ray(num_cpus: Optional[int]) -> None:
-    """Connect to the cluster at RAY_ADDRESS, or start a local instance with `num_cpus`."""
-    import ray
-    try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=False)
-    except Exception as e:
-        raise PipelineError(f"ray: cannot start or connect ({_one_line_error(e)})") from None
 
 
 class _Driver:
@@ -280,7 +263,7 @@ def run_pipeline_ray(pipe: Pipeline, *, progress: bool = True, retry_failed: boo
         api_key = os.environ.get(pipe.teacher.api_key_env) or None
         total, counts, todo = _scan(pipe, run)
         if todo and not ray.is_initialized():
-            _start_ray(num_cpus)
+            start_ray(num_cpus, PipelineError)
             started = True
         driver = _Driver(pipe, run, ProgressBar(progress, total, len(run.done), pipe.output.name),
                          make_scrub(api_key))
