@@ -42,9 +42,10 @@ def _arith_data(args) -> int:
 def _mixture(args) -> int:
     from experiments.mixture.run import MixtureExperiment, format_table, run
 
-    for flag in ("seeds", "steps", "people", "knowledge", "reasoning"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("seeds", "steps", "people", "knowledge", "reasoning", "share_seeds"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, "
+                              f"got {getattr(args, flag)}")
     for o in args.set:
         if "=" not in o:
             raise ConfigError(f"--set {o}: expected KEY=VALUE")
@@ -53,6 +54,7 @@ def _mixture(args) -> int:
     cfg = MixtureExperiment(out=args.out, world_seed=args.world_seed, people=args.people,
                             towns=max(4, args.people // 15),
                             seeds=args.seeds, steps=args.steps, overrides=args.set,
+                            share_seeds=args.share_seeds,
                             knowledge=args.knowledge, reasoning=args.reasoning, sweeps=sweeps,
                             error_rate=args.error_rate, max_new_tokens=args.max_new_tokens)
     results = run(cfg)
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sweep -> eval -> table); rerun to resume")
     s.add_argument("--out", default="runs/mixture", help="output directory")
     s.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
+    s.add_argument("--share-seeds", type=int, help="with --shares: seeds per share (default: "
+                   "--seeds)")
     s.add_argument("--steps", type=int, default=500, help="training steps of every cell")
     s.add_argument("--shares", action="store_true",
                    help="also sweep the synthetic share 0..0.8, the rest web")

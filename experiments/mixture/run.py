@@ -1,7 +1,8 @@
 """The pre-training data-mixture experiment: does synthetic-heavy data win on reasoning and lose
 on knowledge, and do web rewrites recover part of the knowledge?
 
-    phijax-experiment mixture [--out DIR] [--seeds N] [--steps N] [--shares] [--set KEY=VALUE]
+    phijax-experiment mixture [--out DIR] [--seeds N] [--steps N] [--shares [--share-seeds N]]
+                              [--set KEY=VALUE]
 
 One command runs every stage, each skipped when its output exists (rerun to resume):
 
@@ -64,7 +65,8 @@ class MixtureExperiment:
     error_rate: float = 0.1  # the teacher's
     vocab_size: int = 1024
     seeds: int = 3  # training seeds per arm
-    steps: int = 500  # x 16 x 128 = 1.02M tokens an arm on configs/tiny.yaml
+    share_seeds: int | None = None  # per point of the shares sweep (default: seeds)
+    steps: int = 500  # x 4 x 512 = 1.02M tokens an arm (configs/sweeps/mixture-arms.yaml)
     overrides: list[str] = field(default_factory=list)  # training keys set in every cell
     sweeps: list[str] = field(default_factory=lambda: ["configs/sweeps/mixture-arms.yaml"])
     max_new_tokens: int = 96  # per reasoning answer (knowledge answers: at most 16)
@@ -185,7 +187,8 @@ def write_sweep(cfg: MixtureExperiment, template: str, out: Path, tokenizer: str
                         "train.steps": cfg.steps, "train.eval_every": cfg.steps,
                         "checkpoint.every": cfg.steps, **{k: yaml.safe_load(v)
                                                           for k, v in extra.items()}}
-    raw["seeds"] = list(range(cfg.seeds))
+    shares = raw["name"] == "mixture-shares" and cfg.share_seeds is not None
+    raw["seeds"] = list(range(cfg.share_seeds if shares else cfg.seeds))
     path = out / f"{raw['name']}.yaml"
     atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
     return path
