@@ -340,3 +340,13 @@ def test_a_pipeline_reads_its_seeds_from_a_bucket(object_store, tmp_path):
     with pytest.raises(Exception, match=f"input: file {bad} does not exist"):
         load_pipeline(raw={"teacher": {"base_url": "http://127.0.0.1:9", "model": "m"},
                            "input": bad, "output": str(tmp_path / "x"), "stages": []})
+
+
+def test_a_plan_is_written_to_a_bucket(object_store, tmp_path):
+    """`phijax plan --out` a URL: the same plan.json a local --out gets."""
+    local = tmp_path / "plan.json"
+    for out in (f"{object_store}/plans/plan.json", local):
+        run_cli("plan", TINY, "--topology", "h100x8", "--out", out, "data.synthetic=true",
+                "mesh.fsdp=8")
+    remote = json.loads(paths.read_text(f"{object_store}/plans/plan.json"))
+    assert remote == json.loads(local.read_text()) and remote["memory"]["params_bytes"] > 0
