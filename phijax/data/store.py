@@ -151,6 +151,21 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def plan_build(specs: list[str], tokenizer: Tokenizer, out, text_field: str, glob: str | None,
+               shard_bytes: int | None, what: str | None = None) -> tuple[list, str] | None:
+    """(shards, plan key) of building `specs` into `out`; None when `out` already holds that
+    store (then it is brought up to date in place)."""
+    shards = plan_shards(specs, glob, shard_bytes)
+    if not shards:
+        raise DataError(f"{what or f'store {out}'}: {' '.join(specs)} holds no documents")
+    key = _plan_key(shards, tokenizer, text_field)
+    if is_built(out, key):
+        log.info("store %s is up to date", out)
+        _add_max_id(out)
+        return None
+    return shards, key
+
+
 def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_field: str = "text",
                 glob: str | None = None, workers: int | None = None,
                 shard_bytes: int | None = None, what: str | None = None) -> Path:
@@ -158,15 +173,11 @@ def build_store(specs: list[str], tokenizer: Tokenizer, out: str | Path, text_fi
     `what` names the store in errors (default `store OUT`)."""
     out = paths.as_path(out)
     desc = f"tokenize {what or out.name}"
-    what = what or f"store {out}"
-    shards = plan_shards(specs, glob, shard_bytes)
-    if not shards:
-        raise DataError(f"{what}: {' '.join(specs)} holds no documents")
-    key = _plan_key(shards, tokenizer, text_field)
-    if is_built(out, key):
-        log.info("store %s is up to date", out)
-        _add_max_id(out)
+    planned = plan_build(specs, tokenizer, out, text_field, glob, shard_bytes, what)
+    if planned is None:
         return out
+    shards, key = planned
+    what = what or f"store {out}"
     work = _work_dir(out)
     parts = work / "parts"
     if not (work / "plan.json").is_file() or json.loads((work / "plan.json").read_text()) != key:

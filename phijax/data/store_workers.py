@@ -46,9 +46,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 
 from phijax import paths
-from phijax.data.corpus import Shard, plan_shards
-from phijax.data.store import _add_max_id, _assemble, _plan_key, _tokenize_shard, \
-    default_workers, is_built
+from phijax.data.corpus import Shard
+from phijax.data.store import _assemble, _tokenize_shard, default_workers, is_built, plan_build
 from phijax.data.tokenizer import Tokenizer
 from phijax.errors import DataError
 
@@ -218,14 +217,10 @@ def build_store_shared(specs: list[str], tokenizer: Tokenizer, out, text_field: 
     """Take part in building the store of `specs` at `out` with any number of other workers
     running this same call (see the module's docstring); returns once the store is complete."""
     out = paths.as_path(out)
-    shards = plan_shards(specs, glob, shard_bytes)
-    if not shards:
-        raise DataError(f"store {out}: {' '.join(specs)} holds no documents")
-    key = _plan_key(shards, tokenizer, text_field)
-    if is_built(out, key):
-        log.info("store %s is up to date", out)
-        _add_max_id(out)
+    planned = plan_build(specs, tokenizer, out, text_field, glob, shard_bytes)
+    if planned is None:
         return out
+    shards, key = planned
     root = out.with_name(out.name + ".partial")
     board = _join(root, key, shards, stale_after)
     stop = threading.Event()
