@@ -37,7 +37,7 @@ def check(text: str, **sections):
     cfg = HeuristicsConfig()
     for name, values in sections.items():
         for key, value in values.items():
-            setattr(getattr(cfg, name), key, value)
+            setattr(cfg if name == "heuristics" else getattr(cfg, name), key, value)
     return Heuristics(cfg).check(text)
 
 
@@ -177,3 +177,60 @@ def test_a_corpus_run_counts_the_outliers_and_keeps_a_sample(tmp_path):
         "corruption-character-n-gram-outlier.jsonl"
     assert [json.loads(line)["kind"] for line in sample.read_text().splitlines()] == \
         list(JUNK)[:2]
+
+
+# Prose with code references: 91% of its whitespace-separated words have a letter, 58% of the
+# words spaCy's tokenizer makes of it (datatrove's FineWeb filters), each mark a word of its own.
+CALLS = ["fs.open(path, flags)", "fs.read(fd, buf)", "net.connect(port, host)",
+         "zlib.inflate(data, opts)", "dns.lookup(name, family)", "os.cpus()",
+         "url.parse(href, true)"]
+PUNCTUATED = "\n\n".join(f"{p[:-1]} (see `{c}`, [{k}]; \"{k}.{k + 1}\")."
+                         for k, (p, c) in enumerate(zip(PROSE, CALLS), 1))
+NAMES = ("open close read write stat chmod chown mkdir rmdir rename unlink watch access append "
+         "copy link lstat mkdtemp readdir readlink realpath rm symlink truncate utimes").split()
+LISTED = GOOD + "\n\nThe module's functions are " + " ".join(f"`{n}()`," for n in NAMES) + \
+    " and a few more."
+
+
+def test_words_as_tokens_count_punctuation_as_datatrove_does():
+    from tools.corpus.word_tokens import tokens
+    assert tokens("Call `fs.open(path, flags)`; it doesn't (see 2.3, e.g. Node.js's docs).") == [
+        "Call", "`", "fs.open(path", ",", "flags", ")", "`", ";", "it", "does", "n't", "(", "see",
+        "2.3", ",", "e.g.", "Node.js", "'s", "docs", ")", "."]
+    as_tokens = {"heuristics": {"words": "tokens"}}
+    assert check(PUNCTUATED)[1] is None  # whitespace words: the Gopher paper's count
+    assert check(PUNCTUATED, **as_tokens)[1] == "gopher_quality: alphabetic words"
+    assert check(PUNCTUATED, **as_tokens, gopher_quality={"min_alpha_words_ratio": 0.55})[1] \
+        is None
+    # "`open()`," is one word; as tokens, "( ) ` ," is a 4-gram 25 times over.
+    assert check(LISTED)[1] is None
+    assert check(LISTED, **as_tokens)[1] == "gopher_repetition: top 4-gram"
+
+
+def _datatrove_dup_chars(words: list[str], n: int) -> int:
+    """datatrove's find_all_duplicate, as written there."""
+    unique, chars, idx = set(), 0, 0
+    while idx < len(words) - n + 1:
+        gram = "".join(words[idx:idx + n])
+        if gram in unique:
+            chars, idx = chars + len(gram), idx + n
+        else:
+            unique.add(gram)
+            idx += 1
+    return chars
+
+
+@pytest.mark.parametrize("text", [LISTED, "a a a a a a a b a a a a a a",
+                                  GOOD + " " + " ".join(f"{PROSE[1]} {i}" for i in range(3))])
+def test_duplicate_ngram_share_as_tokens_is_datatrove_s(text):
+    """Over the text's characters; left to right, a repeat skips the n-grams it overlaps."""
+    from tools.corpus.heuristics import GopherRepetition, gopher_repetition
+    from tools.corpus.word_tokens import tokens
+    for n in (2, 5):
+        share = _datatrove_dup_chars(tokens(text), n) / len(text)
+        cfg = GopherRepetition(max_dup_line_frac=1, max_dup_para_frac=1, max_dup_line_char_frac=1,
+                               max_dup_para_char_frac=1, max_top_ngram_char_frac={},
+                               max_dup_ngram_char_frac={n: share - 1e-9})
+        assert share and gopher_repetition(text, cfg, tokens(text)) == f"duplicate {n}-grams"
+        cfg.max_dup_ngram_char_frac = {n: share + 1e-9}
+        assert gopher_repetition(text, cfg, tokens(text)) is None

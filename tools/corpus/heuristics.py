@@ -18,6 +18,11 @@ gopher_repetition (Rae et al. 2021, "Scaling Language Models: Methods, Analysis 
   from Training Gopher", Table A1): duplicate lines/paragraphs (share of them, and of their
   characters), the characters of the most frequent 2-4-gram, the characters in repeated 5-10-
   grams (occurrences after the first).
+Words (`words`): whitespace-separated, as the Gopher paper counts them; or `tokens`, as
+  datatrove's FineWeb filters count them (spaCy's English tokens, each punctuation mark a word:
+  `tools.corpus.word_tokens`), and then the n-gram shares as datatrove computes them too: over
+  the text's characters (not the words'), the top n-gram's characters with the spaces joining
+  it, repeated n-grams counted left to right without overlap.
 gopher_quality (same paper, A1): 50-100,000 words, mean word length 3-10, symbols (#, ...)
   per word <= 0.1, <= 90% of lines bullets, <= 30% of lines ending in an ellipsis, >= 80% of
   words with a letter, >= 2 of the stop words the, be, to, of, and, that, have, with.
@@ -39,8 +44,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from phijax.config import one_of
 from phijax.hashing import mix64
-from tools.corpus import char_ngrams
+from tools.corpus import char_ngrams, word_tokens
 
 _STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 _BULLETS = ("•", "●", "○", "▪", "◦", "- ", "* ", "‣", "⁃")
@@ -117,6 +123,7 @@ class FineWeb:
 
 @dataclass
 class HeuristicsConfig:
+    words: str = one_of("whitespace", "tokens")  # what the Gopher rules count as words
     corruption: Corruption = field(default_factory=Corruption)
     gopher_repetition: GopherRepetition = field(default_factory=GopherRepetition)
     gopher_quality: GopherQuality = field(default_factory=GopherQuality)
@@ -195,7 +202,35 @@ def _dup_ngram_frac(ids, lengths, n: int, total: int) -> float:
     return float(lengths[covered].sum()) / total
 
 
-def gopher_repetition(text: str, cfg: GopherRepetition) -> str | None:
+def _dup_ngram_chars_left_to_right(ids, lengths, n: int) -> int:
+    """datatrove's count: left to right, an n-gram seen before adds its characters and the next
+    n-1 n-grams are skipped (and not remembered)."""
+    _, inverse, counts = np.unique(_ngram_hashes(ids, n), return_inverse=True,
+                                   return_counts=True)
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    seen, chars, free = set(), 0, 0
+    for at in np.flatnonzero(counts[inverse] > 1).tolist():  # the others never repeat
+        if at < free:
+            continue
+        if inverse[at] in seen:
+            chars, free = chars + int(ends[at + n] - ends[at]), at + n
+        else:
+            seen.add(inverse[at])
+    return chars
+
+
+def _top_ngram_chars_joined(ids, lengths, n: int) -> int:
+    """datatrove's count: the most frequent n-gram (the first seen of equals) with its spaces,
+    times its count."""
+    _, first, counts = np.unique(_ngram_hashes(ids, n), return_index=True, return_counts=True)
+    top = np.flatnonzero(counts == counts.max())
+    start = int(first[top].min())
+    return int(counts.max()) * (int(lengths[start:start + n].sum()) + n - 1)
+
+
+def gopher_repetition(text: str, cfg: GopherRepetition, tokens: list[str] | None = None
+                      ) -> str | None:
+    """`tokens`: the text's words as tokens (`words: tokens`); None: whitespace words."""
     paragraphs = [p for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
     frac, char_frac = _dup_fracs(paragraphs)
     if frac > cfg.max_dup_para_frac:
@@ -208,22 +243,32 @@ def gopher_repetition(text: str, cfg: GopherRepetition) -> str | None:
         return "duplicate lines"
     if char_frac > cfg.max_dup_line_char_frac:
         return "duplicate line characters"
-    words = text.split()
+    as_tokens, words = tokens is not None, text.split() if tokens is None else tokens
     ids, lengths = _word_ids(words)
-    total = int(lengths.sum()) or 1
+    total = (len(text) if as_tokens else int(lengths.sum())) or 1
     for n, limit in sorted(cfg.max_top_ngram_char_frac.items()):
-        if len(words) >= n and _top_ngram_frac(ids, lengths, int(n), total) > limit:
+        if len(words) < int(n):
+            continue
+        frac = _top_ngram_chars_joined(ids, lengths, int(n)) / total if as_tokens else \
+            _top_ngram_frac(ids, lengths, int(n), total)
+        if frac > limit:
             return f"top {n}-gram"
     for n, limit in sorted(cfg.max_dup_ngram_char_frac.items()):
-        if len(words) >= n and _dup_ngram_frac(ids, lengths, int(n), total) > limit:
+        if len(words) < int(n):
+            continue
+        frac = _dup_ngram_chars_left_to_right(ids, lengths, int(n)) / total if as_tokens else \
+            _dup_ngram_frac(ids, lengths, int(n), total)
+        if frac > limit:
             return f"duplicate {n}-grams"
     return None
 
 
 # ---------------------------------------------------------------- gopher quality
 
-def gopher_quality(text: str, cfg: GopherQuality) -> str | None:
-    words = text.split()
+def gopher_quality(text: str, cfg: GopherQuality, tokens: list[str] | None = None
+                   ) -> str | None:
+    """`tokens`: the text's words as tokens (`words: tokens`); None: whitespace words."""
+    words = text.split() if tokens is None else tokens
     content = [w for w in words if any(c.isalnum() for c in w)]
     if not cfg.min_words <= len(content) <= cfg.max_words:
         return "word count"
@@ -319,10 +364,13 @@ class Heuristics:
         reason = corruption(text, cfg.corruption, language) if cfg.corruption.enabled else None
         if reason:
             return text, f"corruption: {reason}"
+        as_tokens = cfg.words == "tokens" and (cfg.gopher_repetition.enabled or
+                                               cfg.gopher_quality.enabled)
+        words = word_tokens.tokens(text) if as_tokens else None
         for name, fn, section in (("gopher_repetition", gopher_repetition,
                                    cfg.gopher_repetition),
                                   ("gopher_quality", gopher_quality, cfg.gopher_quality)):
-            reason = fn(text, section) if section.enabled else None
+            reason = fn(text, section, words) if section.enabled else None
             if reason:
                 return text, f"{name}: {reason}"
         if cfg.c4.enabled:
