@@ -115,6 +115,36 @@ def test_warc_response_records_and_damaged_archives(tmp_path):
         assert skipped.examples[0].startswith(f"{truncated}@")
 
 
+def test_warc_cut_into_many_shards_reads_every_record_once(tmp_path):
+    pages = [(f"https://example.com/{i}", page(f"Page {i}", f"body {i} " * (i * 37 % 90)).encode(),
+              "text/html") for i in range(24)]
+    for path, gz in ((tmp_path / "crawl.warc.gz", True), (tmp_path / "crawl.warc", False)):
+        offsets = write_warc(path, pages, gzip_=gz)
+        whole, skipped, shards = read_all(path)
+        assert len(shards) == 1 and not skipped.counts
+        assert [r.id for r in whole] == [f"{path}@{o}" for o in offsets]
+        # Cuts inside records, inside headers, and exactly at a record's first byte.
+        for shard_bytes in (61, 397, offsets[3] - offsets[2], offsets[1]):
+            records, skipped, shards = read_all(path, shard_bytes=shard_bytes)
+            assert len(shards) > 4 and not skipped.counts
+            assert [(r.id, r.raw) for r in records] == [(r.id, r.raw) for r in whole]
+
+        # Damage inside one record (a gzip member, or a plain record's header): the same records
+        # as a whole-file read, the damage counted once however the file is cut.
+        data = bytearray(path.read_bytes())
+        at = offsets[7] + (20 if gz else 0)
+        data[at:offsets[8] - 10] = b"\x00" * (offsets[8] - 10 - at)
+        damaged = path.with_name("damaged-" + path.name)
+        damaged.write_bytes(bytes(data))
+        whole, skipped, _ = read_all(damaged)
+        assert [r.metadata["url"] for r in whole] == [u for u, *_ in pages[:7] + pages[8:]]
+        assert sum(skipped.counts.values()) == 1, skipped.counts
+        for shard_bytes in (61, 397, offsets[8] - offsets[7] - 5):
+            records, skipped, shards = read_all(damaged, shard_bytes=shard_bytes)
+            assert [r.id for r in records] == [r.id for r in whole]
+            assert sum(skipped.counts.values()) == 1, (shard_bytes, skipped.counts)
+
+
 def test_folders_of_files_keep_bytes_for_html_and_pdf(tmp_path):
     (tmp_path / "notes.md").write_text("# Notes\n\nSome *markdown*.")
     (tmp_path / "paper.tex").write_text(r"\section{Intro} $x^2$")

@@ -6,7 +6,9 @@ the unit a run resumes by.
   *.jsonl.gz, *.jsonl.zst  one shard per file (gzip or zstandard, several members/frames too)
   *.parquet                one shard per row group; the text is column `text_field` (the layout
                            Hugging Face datasets publish: data/train-00000-of-00004.parquet)
-  *.warc, *.warc.gz        one shard per file; `response` records (the HTTP payload's bytes and
+  *.warc, *.warc.gz        byte ranges, each reading the records that begin in it (a shard finds
+                           its first: the gzip member that decompresses to `WARC/1.`, or the
+                           `WARC/1.` line); `response` records (the HTTP payload's bytes and
                            content type) and `conversion` records (WET text)
   any other file           one document: text (.txt, .md, .tex, code, ...) or, for .html and
                            .pdf, its bytes and content type; files are grouped into shards
@@ -45,7 +47,8 @@ class Shard:
     kind: str  # "jsonl" | "parquet" | "warc" | "files" | "topics"
     paths: tuple = ()  # jsonl, parquet, warc: one file; files: the files
     root: str = ""  # files: metadata paths are relative to it
-    start: int = 0  # jsonl: byte range [start, stop) (0, 0 when compressed); parquet: row group
+    start: int = 0  # jsonl, warc: byte range [start, stop) (jsonl: 0, 0 when compressed);
+    #                 parquet: row group
     stop: int = 0
     line: int = 1  # jsonl: line number at `start`; parquet: the row group's first row
     size: int = 0  # bytes, for progress
@@ -94,6 +97,14 @@ def _jsonl_shards(path: str, shard_bytes: int) -> list[Shard]:
     return shards
 
 
+def _warc_shards(path: str, shard_bytes: int) -> list[Shard]:
+    """Ranges of about `shard_bytes`, cut anywhere: the reader finds each range's first record."""
+    size = paths.stamp(path)[0]
+    cuts = list(range(0, size, shard_bytes)) + [size]
+    return [Shard("warc", (str(path),), start=a, stop=b, size=b - a)
+            for a, b in zip(cuts[:-1], cuts[1:])] or [Shard("warc", (str(path),))]
+
+
 def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
@@ -140,9 +151,10 @@ def list_files(path: str | Path, glob: str | None) -> list[str]:
 def plan_files(path: str | Path, glob: str | None, shard_bytes: int,
                skipped: Skipped | None = None) -> list[Shard]:
     """The shards of a file or directory (`glob` picks a directory's files), in a fixed order:
-    JSONL, parquet, WARC, then the other files in groups of about `shard_bytes`. A parquet file
-    that cannot be opened is counted in `skipped` and has no shards. A gs:// or s3:// URL is read
-    in place, windows as ranged reads."""
+    JSONL (byte ranges of about `shard_bytes`), parquet (row groups), WARC (byte ranges), then
+    the other files in groups of about `shard_bytes`. A parquet file that cannot be opened is
+    counted in `skipped` and has no shards. A gs:// or s3:// URL is read in place, windows as
+    ranged reads."""
     path, skipped = str(path).rstrip("/") or str(path), skipped if skipped is not None else Skipped()
     files = list_files(path, glob)
     root = path if paths.is_dir(path) else \
@@ -150,8 +162,7 @@ def plan_files(path: str | Path, glob: str | None, shard_bytes: int,
     kinds = {f: file_kind(f) for f in files}
     shards = [s for f in files if kinds[f] == "jsonl" for s in _jsonl_shards(f, shard_bytes)]
     shards += [s for f in files if kinds[f] == "parquet" for s in _parquet_shards(f, skipped)]
-    shards += [Shard("warc", (str(f),), size=paths.stamp(f)[0]) for f in files
-               if kinds[f] == "warc"]
+    shards += [s for f in files if kinds[f] == "warc" for s in _warc_shards(f, shard_bytes)]
     return shards + _file_shards([f for f in files if kinds[f] == "files"], root, shard_bytes)
 
 
@@ -334,4 +345,4 @@ def _relative(file: str, root: str) -> str:
 
 
 def _read_warc(shard: Shard, text_field: str, skipped: Skipped) -> Iterator[Record]:
-    return read_warc(shard.paths[0], skipped)
+    return read_warc(shard.paths[0], skipped, shard.start, shard.stop or None)

@@ -4,7 +4,10 @@ transfer and content encodings, with the content type and charset the server dec
 
 A record cut short (its block shorter than its Content-Length) is counted and dropped; data that
 does not parse (a corrupt gzip member, garbage between records) is counted, named FILE@OFFSET,
-and reading goes on at the next gzip member or `WARC/1.` line. warcio rather than fastwarc:
+and reading goes on at the next gzip member or `WARC/1.` line. A byte range of a file reads the
+records that begin in it, so ranges cut anywhere read each record once (`read_warc`); in a
+plain .warc, a payload holding a line that begins `WARC/1.` can fool a range that begins
+inside it (a .warc.gz cannot: each record is its own gzip member). warcio rather than fastwarc:
 fastwarc parses .warc.gz 2.6x faster, but both are over 100 MB/s a core, far beyond the
 extraction that follows, and warcio decodes chunked and compressed HTTP payloads and names the
 offset of every record.
@@ -12,6 +15,7 @@ offset of every record.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Iterator
 
 from phijax.data.records import MAGIC, Record, Skipped, open_file, resync
@@ -62,32 +66,100 @@ def _wanted(record) -> bool:
         (record.rec_type == "response" and record.http_headers is not None)
 
 
-def read_warc(path: str, skipped: Skipped) -> Iterator[Record]:
-    """The records of one WARC file, in order (see the module's docstring)."""
+def record_start(f, pos: int, gz: bool) -> bool:
+    """Whether a record can begin at byte `pos`: a gzip member whose decompressed bytes begin
+    with `WARC/1.` (.warc.gz), or a `WARC/1.` line (.warc). Leaves `f` anywhere."""
+    f.seek(max(pos - 1, 0))
+    if not gz:
+        head = f.read(8 if pos else 7)
+        return head == b"WARC/1." if not pos else head[:1] == b"\n" and head[1:] == b"WARC/1."
+    f.seek(pos)
+    d, out = zlib.decompressobj(wbits=31), b""
+    try:
+        while len(out) < 7:
+            block = f.read(1024)
+            if not block:
+                break
+            out += d.decompress(block, 7 - len(out))
+            while d.unconsumed_tail and len(out) < 7:
+                out += d.decompress(d.unconsumed_tail, 7 - len(out))
+            if d.eof:
+                break
+    except zlib.error:
+        return False
+    return out.startswith(b"WARC/1.")
+
+
+def first_record(f, start: int, gz: bool) -> int | None:
+    """The offset of the first record at or after byte `start` (`record_start`), or None."""
+    magic = MAGIC["gzip" if gz else "warc"]
+    pos = resync(f, start - 1, magic)
+    while pos is not None and not record_start(f, pos, gz):
+        pos = resync(f, pos, magic)
+    return pos
+
+
+def read_warc(path: str, skipped: Skipped, start: int = 0, stop: int | None = None
+              ) -> Iterator[Record]:
+    """The records of one WARC file that begin in bytes [start, stop) (the whole file by
+    default), in order (see the module's docstring). A range reads from the first record at or
+    after `start` (`first_record`) up to the first at or after `stop`, so ranges cut anywhere
+    read every record once; damage after the range's last record, up to that next record, is
+    the range's to count."""
     ArchiveIterator = _archive_iterator()
-    magic = MAGIC["gzip" if path.lower().endswith(".gz") else "warc"]
+    gz = path.lower().endswith(".gz")
+    magic = MAGIC["gzip" if gz else "warc"]
     f = open_file(path, skipped)
     if f is None:
         return
     with f:
-        offset, end, counted = 0, 0, False
-        while offset is not None:
-            it = ArchiveIterator(f)
+        size = f.seek(0, os.SEEK_END)
+        stop = size if stop is None else stop
+        offset = first_record(f, start, gz) if start else 0
+        if offset is None or offset >= stop:  # no record begins in the range
+            return
+        counted = False
+        while offset is not None and offset < size:
+            f.seek(offset)
+            it, end = ArchiveIterator(f), offset
             try:
                 for record in it:
-                    wanted = _wanted(record)
-                    if wanted:  # read before the offset: warcio finds it by reading the record
+                    offset = it.offset
+                    if offset >= stop and _next_range(f, offset, gz):
+                        return
+                    if _wanted(record):  # read before the length: warcio finds it by reading
                         record.payload = record.content_stream().read()
-                    offset, counted = it.get_record_offset(), False
-                    end = offset + it.get_record_length()
-                    out = _record(record, f"{path}@{offset}", skipped) if wanted else None
+                    counted, end = False, offset + it.get_record_length()
+                    out = _record(record, f"{path}@{offset}", skipped) if _wanted(record) \
+                        else None
                     if out is not None:
                         yield out
-                if end < f.seek(0, os.SEEK_END):  # warcio stops quietly in a cut member
+                if _data_after(f, end, size):  # warcio stops quietly in a cut member
                     skipped.add("truncated WARC data", f"{path}@{end}")
                 return
             except Exception as e:  # noqa: BLE001 - warcio's and zlib's errors: skip ahead
+                offset = max(it.offset, offset)
+                if offset >= stop and _next_range(f, offset, gz):
+                    return  # the next range's first record: counted there
                 if not counted:  # once per corrupt stretch, not per failed resync
                     skipped.add(f"corrupt WARC data ({type(e).__name__})", f"{path}@{offset}")
                     counted = True
                 offset = resync(f, offset, magic)
+
+
+def _data_after(f, end: int, size: int) -> bool:
+    """Whether bytes other than a plain WARC's closing blank lines follow byte `end`."""
+    if size - end > 8:
+        return True
+    f.seek(end)
+    return bool(f.read().strip())
+
+
+def _next_range(f, offset: int, gz: bool) -> bool:
+    """Whether the record at `offset` (past the range) is where the next range begins; `f`
+    left where it was."""
+    here = f.tell()
+    try:
+        return record_start(f, offset, gz)
+    finally:
+        f.seek(here)
