@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The S3 and GCS emulator fixtures (`object_store`, `s3_server`, `gcs_server`), one server of each
+# for the whole session whichever modules use them.
+pytest_plugins = ["object_stores"]
 
 
 def pytest_addoption(parser):

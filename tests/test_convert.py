@@ -14,7 +14,6 @@ from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
-from object_stores import object_store, s3_server  # noqa: E402,F401 - fixtures
 from hf_tokenizers import CHAT, TEXTS, phi4_like, sentencepiece_model  # noqa: E402
 from phijax import convert  # noqa: E402
 from phijax.config import MeshConfig  # noqa: E402

@@ -11,7 +11,6 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, free_port
-from object_stores import object_store, s3_server  # noqa: F401 - fixtures
 
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 pytest.importorskip("lm_eval", reason="lm-eval[api] comes with the dev extra")

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from object_stores import gcs_server, object_store, s3_server  # noqa: F401 - fixtures
 from phijax import paths
 
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from object_stores import gcs_server, object_store, s3_server  # noqa: F401 - fixtures
 from phijax import paths
 from phijax.data.corpus import documents, plan_shards
 from phijax.data.store import TokenStore, build_store
