@@ -183,3 +183,18 @@ def test_a_sample_does_not_depend_on_the_filters_of_others(sampler):
     beside = sampler.generate([plain, Request(p[1], max_new_tokens=12, top_p=0.5, top_k=3,
                                               seed=1)])[0]
     assert [s.tokens for s in alone] == [s.tokens for s in beside]
+
+
+def test_greedy_picks_the_first_of_equal_maxima_as_argmax_does():
+    from phijax.decoding import _argmax
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 300)).astype(np.float32)  # 300: the last block is partial
+    logits[1, [7, 200]] = 9.0       # a tie across blocks: the first
+    logits[2, [130, 131]] = 9.0     # a tie inside a block
+    logits[3, 299] = 9.0            # the maximum in the partial block
+    logits[4, 100:] = -np.inf       # ids masked off (vocab_limit)
+    logits[5, :] = -np.inf
+    logits[5, 250] = 0.0
+    got = np.asarray(jax.jit(_argmax)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
