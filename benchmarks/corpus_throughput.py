@@ -22,6 +22,9 @@ run the speed targets compare against; and with phijax's extractor settings (mar
 no links, fast=True, no trafilatura dedup), the run the agreement is measured on. Both get a
 10 s extraction timeout (datatrove's default 1 s drops large pages on a busy machine).
 
+phijax runs a second time with `extract.engine=resiliparse` (its fast extractor; the same
+steps and thresholds after it, other documents kept), compared with the first peer run.
+
 Printed: documents/s per step (documents entering the step / seconds spent in it, summed over
 the workers: one core's rate; the buckets and clusters stages by their wall time), end to end
 (input documents / wall time, all cores; with `--repeats`, alternating runs and each side's
@@ -112,12 +115,13 @@ def build_input(src: Path, pages: int, files: int, work: Path) -> tuple[Path, in
 
 # ---------------------------------------------------------------- phijax
 
-def phijax_config(inputs: Path, output: Path, workers: int, samples: int):
+def phijax_config(inputs: Path, output: Path, workers: int, samples: int,
+                  engine: str = "trafilatura"):
     from tools.corpus.config import load_corpus_config
     return load_corpus_config(str(ROOT / "configs" / "corpus" / "web.yaml"), [
         f"inputs=[{inputs}]", f"output={output}", f"workers={workers}",
         f"samples_per_reason={samples}", "heuristics.corruption.enabled=false",
-        "heuristics.fineweb.enabled=false", "heuristics.words=tokens"])
+        "heuristics.fineweb.enabled=false", "heuristics.words=tokens", f"extract.engine={engine}"])
 
 
 class _PhaseLog(logging.Handler):
@@ -133,9 +137,9 @@ class _PhaseLog(logging.Handler):
             self.seconds[phase] = record.args[-1]
 
 
-def run_phijax(inputs: Path, out: Path, workers: int) -> dict:
+def run_phijax(inputs: Path, out: Path, workers: int, engine: str = "trafilatura") -> dict:
     from tools.corpus.runner import run_corpus
-    cfg = phijax_config(inputs, out, workers, samples=10**9)  # every removed document kept
+    cfg = phijax_config(inputs, out, workers, 10**9, engine)  # every removed document kept
     shutil.rmtree(out, ignore_errors=True)
     handler, logger = _PhaseLog(), logging.getLogger("phijax")
     logger.addHandler(handler)
@@ -440,6 +444,24 @@ def print_table(ours: dict, peer: dict, same: dict, workers: int) -> dict:
     return {"e2e": e2e, "ratios": ratios}
 
 
+def print_engine(fast: dict, peer: dict) -> dict:
+    """phijax with `extract.engine=resiliparse` against the peer (FineWeb's Trafilatura)."""
+    print("\nphijax with extract.engine=resiliparse (its own extraction; other documents kept):")
+    ratios = {}
+    for step in ("extract", "langid", "heuristics (gopher repetition + quality, c4)"):
+        a, b = _rate(*fast["steps"][step]), _rate(*peer["steps"][step])
+        ratios[step] = a / b if a and b else None
+        print(f"  {step:<46}{a or 0:>12,.2f} docs/s   peer {b or 0:>10,.2f}   ratio "
+              f"{ratios[step] or 0:.2f}")
+    a, b = (r["documents"] / r["wall"] for r in (fast, peer))
+    ratios["end to end"] = a / b
+    print(f"  {'end to end (wall)':<46}{a:>12,.2f} docs/s   peer {b:>10,.2f}   ratio {a / b:.2f} "
+          f"(target >= {TARGET_E2E:g}, stretch {STRETCH_E2E:g}); kept {fast['kept']}")
+    return {"docs_per_s": round(a, 2), "ratios": {k: round(v, 2) if v else None
+                                                  for k, v in ratios.items()},
+            "kept": fast["kept"]}
+
+
 def print_agreement(score: float, differ: Counter, n: int) -> None:
     print(f"\nagreement (same extractor settings and thresholds): {score:.1%} of {n} documents "
           f"kept or removed alike (target >= {TARGET_AGREEMENT:.0%})")
@@ -448,7 +470,7 @@ def print_agreement(score: float, differ: Counter, n: int) -> None:
 
 
 def summary_json(args, n: int, ours: dict, peer: dict, same: dict, table: dict, sigs: dict,
-                 score: float, differ: Counter) -> dict:
+                 score: float, differ: Counter, fast: dict) -> dict:
     from importlib.metadata import version
     r, sig = table["ratios"], "minhash signatures"
     return {
@@ -460,11 +482,15 @@ def summary_json(args, n: int, ours: dict, peer: dict, same: dict, table: dict, 
         "peer_same_extractor_docs_per_s": round(table["e2e"][2], 2),
         "e2e_ratio": round(r["end to end"][0], 2), "e2e_target": TARGET_E2E,
         "e2e_stretch": STRETCH_E2E, "e2e_ratio_same_extractor": round(r["end to end"][1], 2),
+        "phijax_resiliparse_docs_per_s": fast["docs_per_s"],
+        "e2e_ratio_resiliparse": fast["ratios"]["end to end"],
+        "step_ratios_resiliparse": fast["ratios"],
         "signatures_docs_per_s": {k: round(v, 1) for k, v in sigs.items()},
         "signatures_ratio": round(sigs["phijax"] / sigs["peer"], 2),
         "signatures_target": TARGET_SIGNATURES,
         "signatures_ratio_in_pipeline": round(r[sig][0], 2) if r[sig][0] else None,
-        "kept": {"phijax": ours["kept"], "peer": peer["kept"], "peer_same_extractor": same["kept"]},
+        "kept": {"phijax": ours["kept"], "phijax_resiliparse": fast["kept"], "peer": peer["kept"],
+                 "peer_same_extractor": same["kept"]},
         "agreement": round(score, 4), "agreement_target": TARGET_AGREEMENT,
         "disagreements": {f"{a} | {b}": c for (a, b), c in differ.most_common()},
         "steps": {step: {side: round(_rate(*run["steps"][step]) or 0, 2) for side, run in
@@ -495,26 +521,31 @@ def main() -> None:
     print(f"input: {n} documents in {args.files} WARC.gz files ({inputs}), "
           f"{args.workers} workers each side", flush=True)
     cfg = phijax_config(inputs, work / "phijax", args.workers, 20)
-    runs = {"peer": [], "ours": [], "same": []}
+    runs = {"peer": [], "ours": [], "same": [], "fast": []}
     for _ in range(args.repeats):  # alternating; each side's fastest run is reported
         runs["peer"].append(run_peer(inputs, work / "peer", cfg, args.workers, False))
         print(f"peer (FineWeb's Trafilatura): {runs['peer'][-1]['wall']:.1f} s", flush=True)
         runs["ours"].append(run_phijax(inputs, work / "phijax", args.workers))
         print(f"phijax: {runs['ours'][-1]['wall']:.1f} s", flush=True)
+        runs["fast"].append(run_phijax(inputs, work / "phijax-resiliparse", args.workers,
+                                       "resiliparse"))
+        print(f"phijax, extract.engine=resiliparse: {runs['fast'][-1]['wall']:.1f} s", flush=True)
         runs["same"].append(run_peer(inputs, work / "peer-same", cfg, args.workers, True))
         print(f"peer (phijax's extractor settings): {runs['same'][-1]['wall']:.1f} s", flush=True)
-    peer, ours, same = (min(runs[k], key=lambda r: r["wall"]) for k in ("peer", "ours", "same"))
+    peer, ours, same, fast = (min(runs[k], key=lambda r: r["wall"])
+                              for k in ("peer", "ours", "same", "fast"))
     table = print_table(ours, peer, same, args.workers)
     print("phijax phases (wall): " + ", ".join(f"{k} {v:.2f} s" for k, v in ours["phases"].items()))
     e2e = table["ratios"]["end to end"][0]
     print(f"end to end: {e2e:.2f}x the peer (target >= {TARGET_E2E:g}, stretch {STRETCH_E2E:g})")
+    engine = print_engine(fast, peer)
     sigs = bench_signatures(ours["texts"], cfg)
     print(f"MinHash signatures of the same {len(ours['texts'])} texts, one core: phijax "
           f"{sigs['phijax']:,.0f} docs/s, datatrove {sigs['peer']:,.1f} docs/s, ratio "
           f"{sigs['phijax'] / sigs['peer']:.1f} (target >= {TARGET_SIGNATURES:g})")
     score, differ = agreement(ours["outcomes"], same["outcomes"])
     print_agreement(score, differ, len(set(ours["outcomes"]) | set(same["outcomes"])))
-    print(json.dumps(summary_json(args, n, ours, peer, same, table, sigs, score, differ)))
+    print(json.dumps(summary_json(args, n, ours, peer, same, table, sigs, score, differ, engine)))
 
 
 if __name__ == "__main__":

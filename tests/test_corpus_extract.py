@@ -28,6 +28,30 @@ def test_html_keeps_code_tables_and_math_and_drops_boilerplate():
     assert nav.text is None and nav.removed == "no main content"
 
 
+
+def test_the_resiliparse_engine_writes_the_same_markdown_elements():
+    fast = ExtractConfig(engine="resiliparse")
+    text = extract(html(ARTICLE.encode()), fast).text
+    assert "# Sorting integers quickly\n" in text
+    assert "```\ndef insertion_sort(xs):\n    for i in range(1, len(xs)):" in text
+    assert "        while j and xs[j - 1] > xs[j]:" in text  # entities undone in code
+    assert "| n | seconds |\n|---|---|\n| 1000 | 0.05 |\n| 10000 | 4.9 |" in text
+    assert r"worst case is $\frac{n(n-1)}{2}$ which" in text  # the TeX, not MathML's text too
+    assert "insertion_sort(my_list); it makes at most n*n comparisons of [adjacent] items" in text
+    for boilerplate in ("Home", "About us", "Copyright", "Privacy"):
+        assert boilerplate not in text
+    nav = extract(html(NAVIGATION.encode()), fast)
+    assert nav.text is None and nav.removed == "no main content"
+    page_ = ("<html><body><article><h2> Steps &amp; notes</h2><p>" + "A sentence of prose. " * 8 +
+             "</p><ol><li><p>first</p></li><li>second<ul><li>inner</li></ul></li></ol>"
+             "<pre>int f(int a,<br>      int b);</pre></article></body></html>")
+    text = extract(html(page_.encode()), fast).text
+    assert text.startswith("## Steps & notes\n")
+    assert "1. first" in text and "2. second" in text and "- inner" in text
+    assert "```\nint f(int a,\n      int b);\n```" in text  # <br> inside <pre> a line break
+    no_tables = extract(html(ARTICLE.encode()), ExtractConfig(engine="resiliparse", tables=False))
+    assert "1000" not in no_tables.text and "insertion_sort(xs)" in no_tables.text
+
 def test_html_encodings_declared_wrong_and_undeclared():
     body = ("Le café est une boisson préparée à partir des grains torréfiés du caféier, très "
             "appréciée en Europe et ailleurs depuis des siècles.")

@@ -107,6 +107,22 @@ def test_every_step_counts_what_it_removes_and_routes_by_language(run):
     assert json.loads(spam.read_text())["source"] == "spam"
 
 
+
+def test_the_resiliparse_engine_keeps_and_removes_the_same_documents(run, tmp_path):
+    root, out, overrides = run
+    fast = tmp_path / "fast"
+    assert tools_main(["corpus", "run", str(ROOT / "configs/corpus/web.yaml"), *overrides,
+                       f"output={fast}", "extract.engine=resiliparse", "--no-progress"]) == 0
+    slow, quick = (json.loads((o / "summary.json").read_text()) for o in (out, fast))
+    for step in ("extract", "langid", "heuristics", "dedup"):
+        assert quick["steps"][step]["in"] == slow["steps"][step]["in"]
+        assert quick["steps"][step]["removed"] == slow["steps"][step]["removed"]
+    assert quick["outputs"] == slow["outputs"]
+    town = next(d for p in sorted(fast.glob("en/part-*.jsonl.zst")) for d in read_docs(p)
+                if d.get("url") == "https://e.com/town")
+    assert town["text"].startswith("# The town\n\nThe river runs through the old town")
+    assert "Privacy" not in town["text"] and "Home" not in town["text"]
+
 def test_the_run_times_each_step(run):
     _, out, _ = run
     seconds = json.loads((out / "timing.json").read_text())["seconds"]
