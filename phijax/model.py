@@ -159,10 +159,11 @@ class Attention(nnx.Module):
             out = causal_attention(q, k, v, mask, query_blocks(s))
         return self.output(out.reshape(b * s, *out.shape[2:]))
 
-    def decode(self, x, rope_cs, cache, slot, mask):
+    def decode(self, x, rope_cs, cache, slot, mask, last: bool = False):
         """x: (b * s, embed), s new tokens per row written to cache slots [slot, slot + s);
         cache: keys (b, kv, d, slots) and values (b, kv, slots, d); mask: (b, 1, s * g, slots).
-        Returns the attention output (b * s, embed) and the updated cache.
+        Returns the attention output (b * s, embed), or with `last` only each row's last
+        token's (b, embed), and the updated cache.
 
         Keys are cached with head_dim before the slots and values with the slots first: both
         attention products then reduce over a major axis with the minor axis contiguous, which
@@ -177,6 +178,8 @@ class Attention(nnx.Module):
             cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, slot))
         cache_v = jax.lax.dynamic_update_slice(
             cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, slot, 0))
+        if last:
+            q, mask, s = q[:, -1:], mask[:, :, -g:], 1
         # Queries laid out (position, head in group) per KV head: (b, kv, s * g, d).
         q = (q * jnp.asarray(d ** -0.5, x.dtype)).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, d)
         out = cached_attention(q, cache_k, cache_v, mask)
@@ -230,9 +233,12 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), rope_cs, mask)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x, rope_cs, cache, slot, mask):
-        """`__call__` for new tokens against a KV cache (see `Attention.decode`)."""
-        out, cache = self.attn.decode(self.attn_norm(x), rope_cs, cache, slot, mask)
+    def decode(self, x, rope_cs, cache, slot, mask, last: bool = False):
+        """`__call__` for new tokens against a KV cache (see `Attention.decode`); with `last`,
+        only each row's last token goes on past attention: (b, embed)."""
+        out, cache = self.attn.decode(self.attn_norm(x), rope_cs, cache, slot, mask, last)
+        if last:
+            x = x.reshape(cache[0].shape[0], -1, x.shape[-1])[:, -1]
         x = x + out
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -303,11 +309,12 @@ class Phi(nnx.Module):
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt)
         rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
         mask = cache_mask(slot, s, caches[0][1].shape[2], key_start, g)
-        new = []
-        for block, cache in zip(self.blocks(), caches):
-            x, cache = block.decode(x, rope_cs, cache, slot, mask)
+        new, blocks = [], self.blocks()
+        for i, (block, cache) in enumerate(zip(blocks, caches)):
+            # the last layer: keys and values of every token, the rest for the last one only
+            x, cache = block.decode(x, rope_cs, cache, slot, mask, last=i == len(blocks) - 1)
             new.append(cache)
-        return self.logits(self.final_norm(x.reshape(b, s, -1)[:, -1])), new
+        return self.logits(self.final_norm(x)), new
 
     def output_weights(self):
         """(hidden, vocab) projection to logits, float32."""
