@@ -49,6 +49,9 @@ def test_the_resiliparse_engine_writes_the_same_markdown_elements():
     assert text.startswith("## Steps & notes\n")
     assert "1. first" in text and "2. second" in text and "- inner" in text
     assert "```\nint f(int a,\n      int b);\n```" in text  # <br> inside <pre> a line break
+    blank = page("Blank", "A formula with no text: <math><semantics><annotation encoding="
+                 "'application/x-tex'></annotation></semantics></math> leaves nothing behind. " * 4)
+    assert "$" not in extract(html(blank.encode()), fast).text
     no_tables = extract(html(ARTICLE.encode()), ExtractConfig(engine="resiliparse", tables=False))
     assert "1000" not in no_tables.text and "insertion_sort(xs)" in no_tables.text
 

@@ -135,8 +135,8 @@ def resiliparse_text(html: str, cfg: ExtractConfig) -> str | None:
         return None
     for formula in tree.body.query_selector_all("math"):
         tex = formula.query_selector('annotation[encoding="application/x-tex"]')
-        formula.replace_with(tree.create_text_node(
-            "$" + " ".join(((tex if tex is not None else formula).text or "").split()) + "$"))
+        tex = " ".join(((tex if tex is not None else formula).text or "").split())
+        formula.replace_with(tree.create_text_node(f"${tex}$" if tex else ""))
     marked = extract_plain_text(tree, preserve_formatting="minimal_html", main_content=True,
                                 list_bullets=True, alt_texts=False, links=False,
                                 form_fields=False, noscript=False, comments=False)
