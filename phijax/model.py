@@ -304,7 +304,7 @@ class Phi(nnx.Module):
         and the updated caches (one (keys, values) pair per layer, see `empty_caches`)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        b, s = tokens.shape
+        s = tokens.shape[1]
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt)
         rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)

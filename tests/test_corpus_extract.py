@@ -28,7 +28,6 @@ def test_html_keeps_code_tables_and_math_and_drops_boilerplate():
     assert nav.text is None and nav.removed == "no main content"
 
 
-
 def test_the_resiliparse_engine_writes_the_same_markdown_elements():
     fast = ExtractConfig(engine="resiliparse")
     text = extract(html(ARTICLE.encode()), fast).text
@@ -54,6 +53,7 @@ def test_the_resiliparse_engine_writes_the_same_markdown_elements():
     assert "$" not in extract(html(blank.encode()), fast).text
     no_tables = extract(html(ARTICLE.encode()), ExtractConfig(engine="resiliparse", tables=False))
     assert "1000" not in no_tables.text and "insertion_sort(xs)" in no_tables.text
+
 
 def test_html_encodings_declared_wrong_and_undeclared():
     body = ("Le café est une boisson préparée à partir des grains torréfiés du caféier, très "

@@ -107,9 +107,8 @@ def test_every_step_counts_what_it_removes_and_routes_by_language(run):
     assert json.loads(spam.read_text())["source"] == "spam"
 
 
-
 def test_the_resiliparse_engine_keeps_and_removes_the_same_documents(run, tmp_path):
-    root, out, overrides = run
+    _, out, overrides = run
     fast = tmp_path / "fast"
     assert tools_main(["corpus", "run", str(ROOT / "configs/corpus/web.yaml"), *overrides,
                        f"output={fast}", "extract.engine=resiliparse", "--no-progress"]) == 0
@@ -122,6 +121,7 @@ def test_the_resiliparse_engine_keeps_and_removes_the_same_documents(run, tmp_pa
                 if d.get("url") == "https://e.com/town")
     assert town["text"].startswith("# The town\n\nThe river runs through the old town")
     assert "Privacy" not in town["text"] and "Home" not in town["text"]
+
 
 def test_the_run_times_each_step(run):
     _, out, _ = run
