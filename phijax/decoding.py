@@ -116,17 +116,31 @@ def _draw(keys, logits, block: int = 128):
     return jnp.minimum(b * block + j, vocab - 1)
 
 
-def _argmax(logits, block: int = 128):
-    """jnp.argmax over the last axis (the first of equal maxima), in two levels: the first
-    block of `block` entries holding the maximum, then the first maximum in it. XLA:CPU runs
-    argmax as a reduction over (value, index) pairs, about 2 ms for 32 rows of 32k ids, 9% of
-    a decode step; two max-reductions and a small argmax take about 0.1 ms."""
+def _blocks(logits, block: int = 128):
+    """logits (rows, vocab) as (rows, vocab / block, block) blocks, the last padded with -inf,
+    and each block's maximum."""
     rows, vocab = logits.shape
     blocks = jnp.pad(logits, ((0, 0), (0, -vocab % block)),
                      constant_values=-jnp.inf).reshape(rows, -1, block)
-    b = jnp.argmax(blocks.max(-1), axis=-1)
+    return blocks, blocks.max(-1)
+
+
+def _argmax(logits, block: int = 128, blocks=None):
+    """jnp.argmax over the last axis (the first of equal maxima), in two levels: the first
+    block of `block` entries holding the maximum, then the first maximum in it. XLA:CPU runs
+    argmax as a reduction over (value, index) pairs, about 2 ms for 32 rows of 32k ids, 9% of
+    a decode step; two max-reductions and a small argmax take about 0.1 ms. `blocks`: the
+    `_blocks` of `logits`, where the caller has them."""
+    blocks, block_max = blocks if blocks is not None else _blocks(logits, block)
+    b = jnp.argmax(block_max, axis=-1)
     inner = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]
-    return b * block + jnp.argmax(inner, axis=-1)
+    return b * blocks.shape[-1] + jnp.argmax(inner, axis=-1)
+
+
+def _log_normalizer(logits, row_max):
+    """Per row, log(sum(exp(logits))) from the row's maximum: one fused pass over the logits
+    (a log_softmax writes the whole (rows, vocab) array, then the caller reads one entry)."""
+    return row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1))
 
 
 def _sampled(logits, keys, row):
@@ -144,7 +158,8 @@ def _sampled(logits, keys, row):
 
 def _choose(logits, keys, row, how: Choice) -> Picked:
     """Next token per row, its model log-probability and (how.top) the most likely ids."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    blocks = _blocks(logits)  # the greedy argmax's first level, and each row's maximum
+    normalizer = _log_normalizer(logits, blocks[1].max(-1))
     temperature = row["temperature"]
     if how.sample:  # a row without filters draws the same whether or not others have them
         sampled = _draw(keys, logits / jnp.maximum(temperature, 1e-6)[:, None])
@@ -152,14 +167,15 @@ def _choose(logits, keys, row, how: Choice) -> Picked:
             filters = (row["top_k"] > 0) | (row["top_p"] < 1)
             sampled = jnp.where(filters, _sampled(logits, keys, row), sampled)
     if how.greedy:
-        best = _argmax(logits)
+        best = _argmax(logits, blocks=blocks)
         token = jnp.where(temperature == 0, best, sampled) if how.sample else best
     else:
         token = sampled
     token = token.astype(jnp.int32)
-    logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - normalizer
     if how.top:
-        top_lp, top_ids = jax.lax.top_k(logp, how.top)
+        top_logits, top_ids = jax.lax.top_k(logits, how.top)
+        top_lp = top_logits - normalizer[:, None]
     else:
         top_lp, top_ids = jnp.zeros((token.shape[0], 0)), jnp.zeros((token.shape[0], 0))
     return Picked(token, logprob, top_ids.astype(jnp.int32), top_lp.astype(jnp.float32))

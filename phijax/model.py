@@ -136,8 +136,10 @@ class Attention(nnx.Module):
         return rope(q, *rope_cs), rope(k, *rope_cs), v
 
     def output(self, out):
-        """(tokens, kv, g, d) attention outputs -> (tokens, embed)."""
-        return jnp.einsum("tkhd,khde->te", out, self.o[...].astype(out.dtype))
+        """(tokens, kv, g, d) attention outputs -> (tokens, embed), as a 2-D matmul: written as
+        an einsum over (kv, g, d), XLA:CPU lays the weight out anew (a copy) at every call."""
+        o = self.o[...].astype(out.dtype)
+        return out.reshape(out.shape[0], -1) @ o.reshape(-1, o.shape[-1])
 
     def __call__(self, x, rope_cs, mask):
         """x: (tokens, embed), tokens = b * s flattened; mask: (b, 1, 1, s, s), or where
@@ -307,7 +309,9 @@ class Phi(nnx.Module):
         s = tokens.shape[1]
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(dt)
-        rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
+        # materialized once: left to fusion, every layer's RoPE would recompute the cos and sin
+        rope_cs = jax.lax.optimization_barrier(
+            rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt))
         mask = cache_mask(slot, s, caches[0][1].shape[2], key_start, g)
         new, blocks = [], self.blocks()
         for i, (block, cache) in enumerate(zip(blocks, caches)):
