@@ -30,8 +30,8 @@ eos and <|pad|> as pad.
 It also measures the float32 matmul peak (large `jnp.dot`s, as the training benchmark) and prints
 the ceiling: each side's FLOP/s as a fraction of that peak (the matmuls of the work as that side
 does it; attention scores not counted), and the ratio phijax would reach with every matmul of
-its work at the peak (`ratio_at_peak`). For log-likelihood it also prints the ceiling of less work: the context run
-once per item, the LM head only where a continuation token is scored.
+its work at the peak (`ratio_at_peak`). For log-likelihood it also prints the ceiling of less
+work: the context run once per item, the LM head only where a continuation token is scored.
 The last stdout line is one JSON object. Targets: phijax >= 1.5x lm-eval on log-likelihood,
 >= 2x on generation. Needs lm-eval's `hf` model: `pip install "lm-eval[hf]"` (lm-eval[api] and
 `accelerate` will do) beside the `bench` extra.
