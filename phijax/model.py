@@ -72,11 +72,15 @@ def rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(segment_ids):
-    """Causal mask restricted to tokens of the same document: (b, 1, 1, s, s) bool."""
+def attention_mask(segment_ids, shared_prefix: bool = False):
+    """Causal mask restricted to tokens of the same document: (b, 1, 1, s, s) bool. With
+    `shared_prefix`, segment 0 is a prefix that every later segment also sees: one row holds a
+    context once and several continuations of it, each attending to the context and itself."""
     s = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((s, s), bool))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if shared_prefix:
+        same_doc = same_doc | (segment_ids[:, None, :] == 0)
     return (causal & same_doc)[:, None, None]
 
 
@@ -262,16 +266,19 @@ class Phi(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   cfg.initializer_range)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None):
-        """Final-normed hidden states (b, s, hidden) in the compute dtype."""
+    def hidden_states(self, tokens, positions=None, segment_ids=None, shared_prefix=False):
+        """Final-normed hidden states (b, s, hidden) in the compute dtype; `shared_prefix`: see
+        `attention_mask` (not with the splash kernel, whose mask is built from segment ids)."""
         cfg = self.cfg
+        if shared_prefix and uses_splash(cfg):
+            raise ValueError("a shared-prefix mask needs XLA or cuDNN attention, not splash")
         dt = jnp.dtype(cfg.dtype)
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, s), jnp.int32)
-        mask = segment_ids if uses_splash(cfg) else attention_mask(segment_ids)
+        mask = segment_ids if uses_splash(cfg) else attention_mask(segment_ids, shared_prefix)
         rope_cs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, dt)
         # Blocks work on (b * s, hidden): XLA:CPU runs 2-D matmuls, and their weight gradients,
         # much faster than einsums batched over (b, s).

@@ -260,10 +260,11 @@ def test_judge_settings_load_as_a_typed_section():
 # ---------------------------------------------------------------- likelihoods
 
 def test_continuation_loglikelihoods_equal_the_full_forward():
-    """The scorer runs the LM head only where a continuation token is predicted; per pair it
-    equals log-softmax over the whole forward's logits, summed over the continuation, for
-    contexts and continuations of many lengths, a batch that pads, a truncated context, and
-    choices that share a row."""
+    """The scorer runs a context once with all its continuations, and the LM head only where a
+    continuation token is predicted; per pair it equals log-softmax over the whole forward's
+    logits, summed over the continuation, for contexts and continuations of many lengths, a
+    batch that pads, a truncated context, a context whose continuations do not fit together,
+    and choices that share a row."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -284,6 +285,9 @@ def test_continuation_loglikelihoods_equal_the_full_forward():
     question = rng.integers(1, 96, 21).tolist()
     pairs += [(question, [letter]) for letter in (10, 11, 12, 13, 14)]
     pairs += [(question, [7, 8, last]) for last in (1, 2, 3)] + [(question[:-1], [question[-1]])]
+    pairs += [(question, [5, 6, 7, 8])]
+    long_context = rng.integers(1, 96, 40).tolist()  # 40 + 19 + 14 tokens do not fit in 64
+    pairs += [(long_context, rng.integers(1, 96, k).tolist()) for k in (20, 15)]
 
     def full(context, continuation, vocab=96):
         ids = (context + continuation)[-(cfg.max_position_embeddings + 1):]
@@ -291,8 +295,15 @@ def test_continuation_loglikelihoods_equal_the_full_forward():
         k = len(continuation)
         return float(sum(logp[len(ids) - 1 - k + j, ids[len(ids) - k + j]] for j in range(k)))
 
-    got = LikelihoodScorer(cfg, params, batch=4).score(pairs)
+    scorer = LikelihoodScorer(cfg, params, batch=4)
+    got = scorer.score(pairs)
     np.testing.assert_allclose(got, [full(*p) for p in pairs], rtol=1e-5, atol=1e-5)
+    # the question's 9 choices run as one row: its 21 tokens once, then 2 + 3 branch tokens
+    rows = {tuple(r.context): r for r in scorer.rows(pairs)}
+    assert rows[tuple(question)].members == 9 and rows[tuple(question)].length == 21 + 2 + 3
+    assert len([r for r in scorer.rows(pairs) if r.context[-10:] == long_context[-10:]]) == 2
+    with pytest.raises(ValueError, match="pair 1: an empty context"):
+        scorer.score([([1], [2]), ([], [3])])
     # A model vocabulary padded past the tokenizer's: the padding ids get no probability.
     pairs = [(c, k) for c, k in pairs if max(c + k) < 90]
     got = LikelihoodScorer(cfg, params, batch=4, vocab_limit=90).score(pairs)
