@@ -136,7 +136,7 @@ def phijax_side(cfg, params, tok, items, prompts, args) -> dict:
     def loglik():
         pairs = [p for i, (context, choices) in enumerate(items)
                  for p in _choice_pairs(tok, Item(str(i), context, None, choices))]
-        pairs_of["pairs"], pairs_of["rows"] = pairs, scorer.rows(pairs)
+        pairs_of["pairs"] = pairs
         return scorer.score(pairs)
 
     # the model's whole vocabulary, as transformers' argmax: no vocab_limit
@@ -158,7 +158,7 @@ def phijax_side(cfg, params, tok, items, prompts, args) -> dict:
     progress("phijax generation")
     gen_s, (prompt_ids, tokens, _), late_gen = timed(generate, args.repeats, compiles)
     return {"loglik_s": loglik_s, "logps": np.array(logps), "pairs": pairs_of["pairs"],
-            "rows": pairs_of["rows"],
+            "rows": scorer.rows(pairs_of["pairs"]),
             "gen_s": gen_s, "prompt_ids": prompt_ids, "tokens": tokens,
             "late_compiles": late + late_gen}
 
