@@ -300,7 +300,7 @@ def test_continuation_loglikelihoods_equal_the_full_forward():
     np.testing.assert_allclose(got, [full(*p) for p in pairs], rtol=1e-5, atol=1e-5)
     # the question's 9 choices run as one row: its 21 tokens once, then 2 + 3 branch tokens
     rows = {tuple(r.context): r for r in scorer.rows(pairs)}
-    assert rows[tuple(question)].members == 9 and rows[tuple(question)].length == 21 + 2 + 3
+    assert len(rows[tuple(question)].pair_indices) == 9 and rows[tuple(question)].length == 21 + 2 + 3
     assert len([r for r in scorer.rows(pairs) if r.context[-10:] == long_context[-10:]]) == 2
     with pytest.raises(ValueError, match="pair 1: an empty context"):
         scorer.score([([1], [2]), ([], [3])])

@@ -54,8 +54,9 @@ class Row:
         return 1 + sum(len(tokens) for tokens, _ in self.branches)
 
     @property
-    def members(self) -> int:
-        return sum(len(pairs) for _, pairs in self.branches)
+    def pair_indices(self) -> list[int]:
+        """The row's pairs (its members), in the order of its member slots."""
+        return [i for _, pairs in self.branches for i, _ in pairs]
 
 
 def plan_rows(pairs: list[tuple[list[int], list[int]]], limit: int,
@@ -145,12 +146,12 @@ class LikelihoodScorer:
             chunk = rows[start:start + self.batch]
             length = min(limit, -(-max(r.length for r in chunk) // PAD_TO) * PAD_TO)
             width = min(length, -(-max(r.scored for r in chunk) // CONT_PAD_TO) * CONT_PAD_TO)
-            members = pow2(max(r.members for r in chunk))
+            members = pow2(max(len(r.pair_indices) for r in chunk))
             arrays = [_arrays(r, length, width, members) for r in chunk]
             arrays += [arrays[-1]] * (self.batch - len(arrays))  # one compiled batch size
             batch = {k: np.stack([a[k] for a in arrays]) for k in ROW_KEYS}
             logp = np.asarray(jax.device_get(self._fn(self.params, batch)))
             for r, row in enumerate(chunk):
-                index = [i for _, pairs in row.branches for i, _ in pairs]
+                index = row.pair_indices
                 out[index] = logp[r, :len(index)]
         return out.tolist()
