@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS_CLI = Path(sys.executable).parent / "phijax-tools"
 N_SEEDS = 1000
 KEY_ENV = "PHIJAX_TEST_PIPELINE_KEY"
-# Fast retries; the client timeout sits below the server's hang so "timeout" faults cost 0.25 s.
+# Fast retries. The client timeout sits well above a normal answer on a loaded 2-core machine
+# (at 0.25 s, 64 connections to the in-process server starved each other into timing out 26
+# times in a row: seeds failed) and well below the server's hang, so "timeout" faults cost 2 s.
 FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=64, max_retries=25,
-            timeout_s=0.25, backoff_base_s=0.005, backoff_max_s=0.05)
+            timeout_s=2.0, backoff_base_s=0.005, backoff_max_s=0.05)
+HANG_S = 4.0   # the server's "timeout" fault
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def secret():
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server(fault_rate=0.3, seed=1234, hang_s=0.5, retry_after_s=0.01)
+    srv = start_server(fault_rate=0.3, seed=1234, hang_s=HANG_S, retry_after_s=0.01)
     yield srv
     srv.stop()
 
@@ -267,7 +270,7 @@ def test_example_pipeline_loads(server, tmp_path):
     write_seeds(tmp_path / "seeds.jsonl", 3)
     pipe = load_pipeline(ROOT / "configs/pipelines/echo.yaml",
                          [f"input={tmp_path / 'seeds.jsonl'}", f"output={tmp_path / 'out'}",
-                          f"teacher.base_url={server.url}", "teacher.timeout_s=0.25",
+                          f"teacher.base_url={server.url}", "teacher.timeout_s=2",
                           "teacher.max_retries=25", "teacher.backoff_base_s=0.005"])
     s = asyncio.run(run_pipeline(pipe, progress=False))
     assert s["seeds_ok"] == 3 and s["records"] == 12
