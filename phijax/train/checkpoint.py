@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,14 +31,26 @@ def _brief(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _quiet_failed_reads() -> None:
-    """When one read of a restore fails, orbax closes its event loop while tensorstore's other
-    reads still complete, then and later; their callbacks report "Event loop is closed"
-    tracebacks as unraisable exceptions. Those say nothing the one failure does not: from
-    here on, drop them, and only them."""
+class _DropUnretrievedReadFailures(logging.Filter):
+    """asyncio's "exception was never retrieved" reports of tensorstore reads (their errors
+    carry the tensorstore spec)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and "exception was never retrieved" in record.getMessage()
+                    and "tensorstore_spec=" in str(exc))
+
+
+def _quiet_failed_reads() -> Callable[[], None]:
+    """When one read of a restore fails, orbax stops waiting for the others and closes its event
+    loop while tensorstore's other reads still complete, then and later: their callbacks report
+    "Event loop is closed" tracebacks as unraisable exceptions, and asyncio logs the reads that
+    failed too as exceptions never retrieved. Those say nothing the one failure does not: from
+    here on, drop them, and only them. Returns what undoes this (for a restore that read)."""
     previous = sys.unraisablehook
+    asyncio_log = logging.getLogger("asyncio")
     if getattr(previous, "drops_loop_closed", False):
-        return
+        return lambda: None
 
     def hook(unraisable):
         if not (unraisable.exc_type is RuntimeError
@@ -46,6 +59,13 @@ def _quiet_failed_reads() -> None:
 
     hook.drops_loop_closed = True
     sys.unraisablehook = hook
+    drop = _DropUnretrievedReadFailures()
+    asyncio_log.addFilter(drop)
+
+    def undo() -> None:
+        sys.unraisablehook = previous
+        asyncio_log.removeFilter(drop)
+    return undo
 
 
 class Checkpointer:
@@ -73,15 +93,14 @@ class Checkpointer:
         when no checkpoint reads."""
         failed = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            previous_hook = sys.unraisablehook
-            _quiet_failed_reads()
+            unquiet = _quiet_failed_reads()
             try:  # orbax and tensorstore raise ValueError, OSError, KeyError... for a bad file
                 state, data = self.restore(step, abstract_state)
             except Exception as e:
                 failed.append((step, e))
                 continue
             if not failed:  # nothing failed: nothing to quiet
-                sys.unraisablehook = previous_hook
+                unquiet()
             if failed:
                 log.warning("%s; resuming from step %d (moved aside to %s)",
                             "; ".join(f"checkpoint {s} cannot be read ({_brief(e)})"
