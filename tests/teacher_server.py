@@ -52,6 +52,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "timeout", "reset", "malformed", "empty", "truncated", "length",
           "content_filter")
+# For tests that inject "timeout" faults: a client timeout well above a normal answer on a loaded
+# 2-core machine (at 0.25-0.3 s, many clients of the in-process server starved each other into
+# timing out again and again, and requests failed), and the server's hang well above that.
+CLIENT_TIMEOUT_S = 2.0
+HANG_S = 4.0
 
 
 def _error(message: str, type_: str, code: str | None = None) -> bytes:

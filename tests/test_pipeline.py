@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_server import secret_env, start_server  # noqa: E402
+from teacher_server import CLIENT_TIMEOUT_S, HANG_S, secret_env, start_server  # noqa: E402
 
 from tools.pipeline import (PipelineError, RunDir, load_pipeline, read_records,  # noqa: E402
                             run_pipeline, shard_path)
@@ -23,12 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS_CLI = Path(sys.executable).parent / "phijax-tools"
 N_SEEDS = 1000
 KEY_ENV = "PHIJAX_TEST_PIPELINE_KEY"
-# Fast retries. The client timeout sits well above a normal answer on a loaded 2-core machine
-# (at 0.25 s, 64 connections to the in-process server starved each other into timing out 26
-# times in a row: seeds failed) and well below the server's hang, so "timeout" faults cost 2 s.
+# Fast retries; "timeout" faults cost the client timeout (teacher_server.CLIENT_TIMEOUT_S).
 FAST = dict(model="echo-model", api_key_env=KEY_ENV, concurrency=64, max_retries=25,
-            timeout_s=2.0, backoff_base_s=0.005, backoff_max_s=0.05)
-HANG_S = 4.0   # the server's "timeout" fault
+            timeout_s=CLIENT_TIMEOUT_S, backoff_base_s=0.005, backoff_max_s=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +267,7 @@ def test_example_pipeline_loads(server, tmp_path):
     write_seeds(tmp_path / "seeds.jsonl", 3)
     pipe = load_pipeline(ROOT / "configs/pipelines/echo.yaml",
                          [f"input={tmp_path / 'seeds.jsonl'}", f"output={tmp_path / 'out'}",
-                          f"teacher.base_url={server.url}", "teacher.timeout_s=2",
+                          f"teacher.base_url={server.url}", f"teacher.timeout_s={CLIENT_TIMEOUT_S}",
                           "teacher.max_retries=25", "teacher.backoff_base_s=0.005"])
     s = asyncio.run(run_pipeline(pipe, progress=False))
     assert s["seeds_ok"] == 3 and s["records"] == 12

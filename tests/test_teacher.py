@@ -19,7 +19,7 @@ for p in (ROOT, Path(__file__).resolve().parent):  # `tools` is a top-level pack
 
 pytest.importorskip("openai")
 
-from teacher_server import FAULTS, servers  # noqa: E402
+from teacher_server import CLIENT_TIMEOUT_S, FAULTS, HANG_S, servers  # noqa: E402
 from tools import teacher as teacher_module  # noqa: E402
 from tools.cache import Cache  # noqa: E402
 from tools.teacher import (Teacher, TeacherConfig, TeacherError, TeacherRefused,  # noqa: E402
@@ -31,7 +31,7 @@ KEY_ENV = "PHIJAX_TEST_TEACHER_KEY"
 
 def fast_cfg(url: str, **kw) -> TeacherConfig:
     base = dict(base_url=url, model="echo-1", api_key_env=KEY_ENV, concurrency=32, max_retries=20,
-                timeout_s=2.0, backoff_base_s=0.005, backoff_max_s=0.05)
+                timeout_s=CLIENT_TIMEOUT_S, backoff_base_s=0.005, backoff_max_s=0.05)
     base.update(kw)
     return TeacherConfig(**base)
 
@@ -64,10 +64,7 @@ def server():
 
 def test_faulty_server_all_calls_right(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
-    # The client timeout (2 s) sits well above a normal answer on a loaded 2-core machine (at
-    # 0.3 s, CI once counted 150 retries for 118 faults: slow answers timed out) and well below
-    # the server's hang.
-    srv = server(fault_rate=0.3, seed=1234, hang_s=4.0)
+    srv = server(fault_rate=0.3, seed=1234, hang_s=HANG_S)
     teacher = Teacher(fast_cfg(srv.url))
 
     async def go(t):
